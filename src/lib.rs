@@ -1,0 +1,8 @@
+//! swarmfs: mount a BitTorrent swarm as a read-only directory.
+//!
+//! Layers, imports pointing one way only: `core` <- `net` <- `engine` <- `fuse` <- `main.rs`.
+//! - `core`: pure logic (metainfo, geometry, wire codec, picker, choker, cache); no I/O, no clock.
+//! - `net`: sockets over the core codecs (peer connections, trackers).
+//! - `engine`: the tokio tasks that run torrents: picking, choking, verifying, serving reads.
+//! - `fuse`: the filesystem, translating kernel requests into engine reads.
+pub mod core;
