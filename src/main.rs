@@ -1,1 +1,46 @@
-fn main() {}
+//! The `swarmfs` command: argument parsing and wiring only; the work lives in the library.
+use clap::{Parser, Subcommand};
+use swarmfs::cli;
+
+/// Mount a BitTorrent swarm as a read-only directory.
+///
+/// Sizes and rates accept binary suffixes: 256KiB, 64MiB, 1GiB (K, M, G mean the same).
+#[derive(Parser, Debug)]
+#[command(name = "swarmfs", version, about, long_about = None)]
+struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make a .torrent from a file or directory.
+    Create(cli::create::Args),
+    /// Show what a .torrent or magnet link holds.
+    Info(cli::info::Args),
+    /// Run a small HTTP tracker (for local swarms, demos and tests).
+    Tracker(cli::tracker::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let result = match cli.command {
+        Command::Create(a) => cli::create::run(a),
+        Command::Info(a) => cli::info::run(a),
+        Command::Tracker(a) => cli::tracker::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("swarmfs: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,9 @@
+//! Subcommands. Each module holds its clap `Args` and `run(args) -> anyhow::Result<()>`.
+pub mod create;
+pub mod info;
+pub mod tracker;
+
+/// clap value parser for sizes and rates (`256KiB`, `64M`, ...).
+pub fn size_arg(text: &str) -> Result<u64, String> {
+    crate::core::units::parse_size(text)
+}

@@ -1,0 +1,1 @@
+//! Orchestration: the tokio tasks that run torrents.

@@ -1,0 +1,2 @@
+//! The filesystem: kernel requests translated into engine reads.
+pub mod inode;

@@ -1,0 +1,3 @@
+//! I/O over the core codecs: sockets, HTTP; events reported on channels.
+pub mod tracker;
+pub mod tracker_server;
