@@ -21,6 +21,12 @@ enum Command {
     Create(cli::create::Args),
     /// Show what a .torrent or magnet link holds.
     Info(cli::info::Args),
+    /// Mount a torrent as a read-only directory (returns once mounted).
+    Mount(cli::mount::Args),
+    /// Seed a torrent from its data, or make a torrent of a path and seed it.
+    Seed(cli::seed::Args),
+    /// Download a torrent into a directory, then exit.
+    Download(cli::download::Args),
     /// Run a small HTTP tracker (for local swarms, demos and tests).
     Tracker(cli::tracker::Args),
 }
@@ -37,6 +43,9 @@ fn main() {
     let result = match cli.command {
         Command::Create(a) => cli::create::run(a),
         Command::Info(a) => cli::info::run(a),
+        Command::Mount(a) => cli::mount::run(a),
+        Command::Seed(a) => cli::seed::run(a),
+        Command::Download(a) => cli::download::run(a),
         Command::Tracker(a) => cli::tracker::run(a),
     };
     if let Err(e) = result {

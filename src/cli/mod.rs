@@ -1,6 +1,10 @@
 //! Subcommands. Each module holds its clap `Args` and `run(args) -> anyhow::Result<()>`.
+pub mod common;
 pub mod create;
+pub mod download;
 pub mod info;
+pub mod mount;
+pub mod seed;
 pub mod tracker;
 
 /// clap value parser for sizes and rates (`256KiB`, `64M`, ...).

@@ -1,2 +1,3 @@
 //! The filesystem: kernel requests translated into engine reads.
+pub mod fs;
 pub mod inode;

@@ -1,3 +1,5 @@
 //! I/O over the core codecs: sockets, HTTP; events reported on channels.
+pub mod peer;
+pub mod ratelimit;
 pub mod tracker;
 pub mod tracker_server;

@@ -1,0 +1,75 @@
+//! `swarmfs download TORRENT -d DIR`: fetch the whole torrent into `DIR/<name>`, resuming from
+//! whatever verified data is already there, then exit.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::cli::common::{self, SwarmArgs};
+use crate::core::units::format_size;
+use crate::engine::session::{bind_listener, Session};
+use crate::engine::torrent::TorrentConfig;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The .torrent file.
+    pub torrent: PathBuf,
+    /// Directory that holds the content as DIR/<name> (default: the current directory).
+    #[arg(short = 'd', long, value_name = "DIR", default_value = ".")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let meta = common::load_torrent(&args.torrent)?;
+    let mut cfg = TorrentConfig {
+        data_dir: Some(args.data_dir.clone()),
+        cache_size: 64 << 20,
+        fetch_all: true,
+        ..TorrentConfig::default()
+    };
+    args.swarm.apply(&mut cfg)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = bind_listener(args.swarm.listen).await?;
+        let session = Session::start(listener)?;
+        common::announce_listen(session.listen_addr);
+        let progress = common::verify_progress(meta.info.lengths.piece_count());
+        let t = session.add_torrent(meta.clone(), cfg, progress).await?;
+        let started = Instant::now();
+        let start_bytes = t.snapshot().downloaded;
+        common::spawn_status_line(t.clone());
+        let mut shutdown = t.shutdown_signal();
+        let done = async {
+            loop {
+                if t.is_complete() {
+                    return;
+                }
+                let notified = t.piece_done.notified();
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        tokio::select! {
+            _ = done => {}
+            _ = common::termination_signal() => {
+                session.shutdown().await;
+                anyhow::bail!("interrupted; run the same command again to resume");
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let got = t.snapshot().downloaded - start_bytes;
+        println!(
+            "downloaded {} ({}) in {:.1} s, {}/s",
+            t.name(),
+            format_size(meta.info.lengths.total_length()),
+            secs,
+            format_size((got as f64 / secs.max(0.001)) as u64)
+        );
+        session.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,115 @@
+//! `swarmfs seed TORRENT -d DIR` (verify, then seed) and `swarmfs seed PATH` (make the torrent,
+//! write it to `<name>.torrent`, seed PATH).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::cli::common::{self, SwarmArgs};
+use crate::cli::size_arg;
+use crate::core::metainfo::Metainfo;
+use crate::core::units::format_size;
+use crate::engine::session::{bind_listener, Session};
+use crate::engine::torrent::TorrentConfig;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A .torrent file (its data is read from DIR/<name>), or a file or directory to make a
+    /// torrent of and seed.
+    pub target: PathBuf,
+    /// Directory that holds the content as DIR/<name> (default: the current directory).
+    #[arg(short = 'd', long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where `seed PATH` writes the torrent it makes (default: ./<name>.torrent).
+    #[arg(long, value_name = "FILE")]
+    pub torrent_out: Option<PathBuf>,
+    /// Piece length of a torrent made by `seed PATH`.
+    #[arg(long, value_name = "SIZE", default_value = "256KiB", value_parser = size_arg)]
+    pub piece_length: u64,
+    /// Memory for cached pieces being uploaded.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = size_arg)]
+    pub cache_size: u64,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+}
+
+/// Whether `path` is a torrent file rather than content to seed.
+fn parse_as_torrent(path: &Path) -> Option<Arc<Metainfo>> {
+    if !path.is_file() {
+        return None;
+    }
+    let bytes = std::fs::read(path).ok()?;
+    Metainfo::from_bytes(&bytes).ok().map(Arc::new)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (meta, data_dir) = match parse_as_torrent(&args.target) {
+        Some(meta) => (meta, args.data_dir.clone().unwrap_or_else(|| PathBuf::from("."))),
+        None => {
+            if args.target.extension().is_some_and(|e| e == "torrent") && args.target.is_file() {
+                // Looks like a torrent but does not parse: say why rather than seeding the file.
+                common::load_torrent(&args.target)?;
+            }
+            make_torrent(&args)?
+        }
+    };
+    let mut cfg = TorrentConfig {
+        data_dir: Some(data_dir),
+        cache_size: args.cache_size,
+        fetch_all: true,
+        ..TorrentConfig::default()
+    };
+    args.swarm.apply(&mut cfg)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = bind_listener(args.swarm.listen).await?;
+        let session = Session::start(listener)?;
+        common::announce_listen(session.listen_addr);
+        let progress = common::verify_progress(meta.info.lengths.piece_count());
+        let t = session.add_torrent(meta.clone(), cfg, progress).await?;
+        let s = t.snapshot();
+        println!(
+            "seeding {} ({}), info-hash {}, {}/{} pieces verified",
+            t.name(),
+            format_size(meta.info.lengths.total_length()),
+            t.info_hash,
+            s.pieces_have,
+            s.pieces_total
+        );
+        common::spawn_status_line(t.clone());
+        common::termination_signal().await;
+        session.shutdown().await;
+        Ok(())
+    })
+}
+
+/// `seed PATH`: the torrent of PATH, written out; its data dir is PATH's parent.
+fn make_torrent(args: &Args) -> anyhow::Result<(Arc<Metainfo>, PathBuf)> {
+    let path = &args.target;
+    if !path.exists() {
+        anyhow::bail!("{} does not exist", path.display());
+    }
+    let abs = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("cannot seed the root directory")?;
+    let piece_length = u32::try_from(args.piece_length).context("piece length too large")?;
+    let opts = crate::create::CreateOptions {
+        piece_length,
+        trackers: args.swarm.trackers.clone(),
+        ..Default::default()
+    };
+    let bytes = crate::create::create_torrent(&abs, &opts, &|_| {})?;
+    let out = args
+        .torrent_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.torrent")));
+    std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    let meta = Metainfo::from_bytes(&bytes).context("the torrent we made does not parse")?;
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((Arc::new(meta), dir))
+}

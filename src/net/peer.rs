@@ -1,0 +1,186 @@
+//! One peer connection's socket: the handshake, then framed messages through the `core::wire`
+//! codec. No protocol decisions here; the engine's peer task makes them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::core::wire::{self, Decode, Handshake, Message, HANDSHAKE_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerIoError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("peer sent a bad handshake: {0}")]
+    BadHandshake(String),
+    #[error("peer is for another torrent")]
+    WrongInfoHash,
+    #[error("protocol error: {0}")]
+    Protocol(#[from] wire::WireError),
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("no message for {0:?}")]
+    Idle(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection and exchanges handshakes; the peer must answer for `ours.info_hash`.
+pub async fn connect(
+    addr: SocketAddr,
+    ours: &Handshake,
+) -> Result<(Handshake, PeerReader, PeerWriter), PeerIoError> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerIoError::ConnectTimeout)??;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(&ours.encode()).await?;
+    let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&mut rd))
+        .await
+        .map_err(|_| PeerIoError::HandshakeTimeout)??;
+    if theirs.info_hash != ours.info_hash {
+        return Err(PeerIoError::WrongInfoHash);
+    }
+    Ok((theirs, PeerReader::new(rd), PeerWriter::new(wr)))
+}
+
+/// The first half of an incoming connection: read the peer's handshake so the caller can find the
+/// torrent it wants, then `answer`.
+pub async fn accept(stream: TcpStream) -> Result<(Handshake, IncomingPeer), PeerIoError> {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&mut rd))
+        .await
+        .map_err(|_| PeerIoError::HandshakeTimeout)??;
+    Ok((theirs, IncomingPeer { rd, wr }))
+}
+
+pub struct IncomingPeer {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+}
+
+impl IncomingPeer {
+    pub async fn answer(mut self, ours: &Handshake) -> Result<(PeerReader, PeerWriter), PeerIoError> {
+        self.wr.write_all(&ours.encode()).await?;
+        Ok((PeerReader::new(self.rd), PeerWriter::new(self.wr)))
+    }
+}
+
+async fn read_handshake(rd: &mut OwnedReadHalf) -> Result<Handshake, PeerIoError> {
+    let mut buf = [0u8; HANDSHAKE_LEN];
+    rd.read_exact(&mut buf).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            PeerIoError::Closed
+        } else {
+            PeerIoError::Io(e)
+        }
+    })?;
+    Handshake::decode(&buf).map_err(|e| PeerIoError::BadHandshake(e.to_string()))
+}
+
+/// Reads whole messages. The buffer never grows past one frame of at most `max_frame` bytes plus
+/// one read's worth, whatever the peer sends.
+pub struct PeerReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    max_frame: u32,
+}
+
+const READ_CHUNK: usize = 256 * 1024;
+
+impl PeerReader {
+    fn new(rd: OwnedReadHalf) -> Self {
+        PeerReader {
+            rd,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max_frame: wire::DEFAULT_MAX_FRAME,
+        }
+    }
+
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
+    /// The next message, or an error; `idle` bounds the wait for any bytes at all.
+    pub async fn next(&mut self, idle: Duration) -> Result<Message, PeerIoError> {
+        loop {
+            match wire::decode(&mut self.buf, self.max_frame)? {
+                Decode::Message(m) => return Ok(m),
+                Decode::NeedMore(n) => {
+                    // Reserve a large chunk so a stream of 16 KiB blocks costs few syscalls; the
+                    // decoder already refused any frame over the cap, so `n` is bounded.
+                    self.buf.reserve(n.max(READ_CHUNK));
+                    let read = tokio::time::timeout(idle, self.rd.read_buf(&mut self.buf))
+                        .await
+                        .map_err(|_| PeerIoError::Idle(idle))??;
+                    if read == 0 {
+                        return Err(PeerIoError::Closed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the writer task sends: an encoded frame, or a piece block whose payload is written
+/// straight from the cache's buffer.
+#[derive(Debug)]
+pub enum Outgoing {
+    Message(Message),
+    Block { piece: u32, offset: u32, data: Bytes },
+}
+
+pub struct PeerWriter {
+    wr: BufWriter<OwnedWriteHalf>,
+    scratch: BytesMut,
+}
+
+impl PeerWriter {
+    fn new(wr: OwnedWriteHalf) -> Self {
+        PeerWriter {
+            wr: BufWriter::with_capacity(256 * 1024, wr),
+            scratch: BytesMut::with_capacity(64),
+        }
+    }
+
+    /// Buffers one item; call `flush` when the queue is empty.
+    pub async fn write(&mut self, item: &Outgoing) -> io::Result<()> {
+        match item {
+            Outgoing::Message(m) => {
+                self.scratch.clear();
+                wire::encode(m, &mut self.scratch);
+                self.wr.write_all(&self.scratch).await
+            }
+            Outgoing::Block {
+                piece,
+                offset,
+                data,
+            } => {
+                let header = wire::encode_piece_header(*piece, *offset, data.len() as u32);
+                self.wr.write_all(&header).await?;
+                self.wr.write_all(data).await
+            }
+        }
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.wr.flush().await
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.wr.flush().await;
+        let _ = self.wr.shutdown().await;
+    }
+}
