@@ -141,7 +141,7 @@ impl Lengths {
     pub fn block(&self, piece: u32, offset: u32, length: u32) -> Option<BlockRef> {
         let p = self.piece(piece)?;
         let len = self.piece_len(p);
-        if offset % BLOCK_SIZE != 0 || offset >= len {
+        if !offset.is_multiple_of(BLOCK_SIZE) || offset >= len {
             return None;
         }
         let expect = (len - offset).min(BLOCK_SIZE);
