@@ -1,0 +1,239 @@
+//! Helpers for end-to-end tests: data sets, torrents, swarmfs processes on 127.0.0.1 with
+//! watchdogs, third-party tools. Every process started here is killed when its guard drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_swarmfs")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no stored data.
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_file(path: &Path, len: usize, seed: u64) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, data(len, seed)).unwrap();
+}
+
+/// Fails with the command line and output when a tool fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (scripts/test.sh installs the tools tests need)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `swarmfs create PATH -o OUT [extra]`.
+pub fn create_torrent(path: &Path, out: &Path, extra: &[&str]) {
+    run_ok(Command::new(bin()).arg("create").arg(path).arg("-o").arg(out).args(extra));
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub stdout_lines: mpsc::Receiver<String>,
+    pub stderr_path: Option<PathBuf>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout piped (lines readable through `next_line`) and stderr to a file.
+    pub fn spawn(name: &str, cmd: &mut Command, stderr_to: &Path) -> Proc {
+        let err = std::fs::File::create(stderr_to).unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            name: name.to_string(),
+            stdout_lines: rx,
+            stderr_path: Some(stderr_to.to_path_buf()),
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The next stdout line that starts with `prefix`, within `within` (a watchdog, not a timing claim).
+    pub fn wait_line(&mut self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout_lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!(
+                    "{}: no line starting with {prefix:?} within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The address from a "listening on ADDR" line.
+    pub fn listen_addr(&mut self) -> SocketAddr {
+        let line = self.wait_line("listening on ", Duration::from_secs(60));
+        line.trim_start_matches("listening on ").trim().parse().unwrap()
+    }
+
+    /// Waits for exit within `within`; kills and fails the test past it.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit within {within:?}; stderr:\n{}", self.name, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn read_all_stdout(&mut self) -> String {
+        let mut s = String::new();
+        while let Ok(l) = self.stdout_lines.try_recv() {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `swarmfs seed TORRENT -d DIR --listen 127.0.0.1:0` and its address.
+pub fn seeder(dir: &Path, torrent: &Path, logs: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut p = Proc::spawn(
+        "seeder",
+        Command::new(bin())
+            .arg("seed")
+            .arg(torrent)
+            .arg("-d")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(extra)
+            .env("RUST_LOG", "swarmfs=info"),
+        logs,
+    );
+    let addr = p.listen_addr();
+    p.wait_line("seeding ", Duration::from_secs(120));
+    (p, addr)
+}
+
+/// Byte-compares two trees (files only), failing with the first difference.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let mut fa = files_under(a);
+    let mut fb = files_under(b);
+    fa.sort();
+    fb.sort();
+    assert_eq!(fa, fb, "file lists differ between {} and {}", a.display(), b.display());
+    for rel in fa {
+        let x = std::fs::read(a.join(&rel)).unwrap();
+        let y = std::fs::read(b.join(&rel)).unwrap();
+        assert!(x == y, "{} differs ({} vs {} bytes)", rel.display(), x.len(), y.len());
+    }
+}
+
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if root.is_file() {
+        return vec![PathBuf::new()];
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).unwrap();
+    sha256(&buf)
+}
+
+/// sha256 through the system tool (the way a user checks a file), of bytes we hold.
+pub fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// A free TCP port on 127.0.0.1 (for tools that cannot report the port they got).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Debian's python3 (the one python3-libtorrent is built for).
+pub const PY: &str = "/usr/bin/python3";
