@@ -237,3 +237,96 @@ pub fn free_port() -> u16 {
 
 /// Debian's python3 (the one python3-libtorrent is built for).
 pub const PY: &str = "/usr/bin/python3";
+
+/// A `swarmfs mount -f` process; unmounted (lazily if need be) and killed on drop.
+pub struct Mount {
+    pub proc: Proc,
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// Mounts in the foreground and waits for "mounted".
+    pub fn start(torrent: &Path, dir: &Path, logs: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut proc = Proc::spawn(
+            "mount",
+            Command::new(bin())
+                .arg("mount")
+                .arg("-f")
+                .arg(torrent)
+                .arg(dir)
+                .args(["--listen", "127.0.0.1:0", "--no-dht"])
+                .args(extra)
+                .env("RUST_LOG", "swarmfs=info"),
+            logs,
+        );
+        proc.wait_line("mounted ", Duration::from_secs(60));
+        Mount {
+            proc,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mountpoint(&self.dir)
+    }
+
+    pub fn unmount(&mut self) {
+        run_ok(Command::new("fusermount3").arg("-u").arg(&self.dir));
+    }
+
+    /// Peak resident memory of the mount process (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kib(self.proc.child.id(), "VmHWM:") * 1024
+    }
+
+    /// Bytes the mount process caused to be written to storage.
+    pub fn write_bytes(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.proc.child.id())).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.dir) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+        }
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0)
+}
+
+pub fn is_mountpoint(dir: &Path) -> bool {
+    let Ok(abs) = std::fs::canonicalize(dir) else {
+        // A dead FUSE mount cannot be resolved but is still listed.
+        return std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&dir.to_string_lossy()));
+    };
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&abs.to_string_lossy()))
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `within` (a watchdog).
+pub fn with_watchdog<T: Send + 'static>(within: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(within)
+        .unwrap_or_else(|_| panic!("watchdog: {what} did not finish within {within:?}"))
+}
