@@ -96,10 +96,10 @@ fn make_torrent(args: &Args) -> anyhow::Result<(Arc<Metainfo>, PathBuf)> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .context("cannot seed the root directory")?;
-    let piece_length = u32::try_from(args.piece_length).context("piece length too large")?;
+    let piece_length = crate::create::check_piece_length(args.piece_length)?;
     let opts = crate::create::CreateOptions {
         piece_length,
-        trackers: args.swarm.trackers.clone(),
+        trackers: args.swarm.trackers.iter().map(|t| vec![t.clone()]).collect(),
         ..Default::default()
     };
     let bytes = crate::create::create_torrent(&abs, &opts, &|_| {})?;
