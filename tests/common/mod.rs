@@ -242,6 +242,7 @@ pub const PY: &str = "/usr/bin/python3";
 pub struct Mount {
     pub proc: Proc,
     pub dir: PathBuf,
+    pub listen_addr: Option<SocketAddr>,
 }
 
 impl Mount {
@@ -260,10 +261,15 @@ impl Mount {
                 .env("RUST_LOG", "swarmfs=info"),
             logs,
         );
-        proc.wait_line("mounted ", Duration::from_secs(60));
+        let line = proc.wait_line("mounted ", Duration::from_secs(60));
+        let listen_addr = line
+            .rsplit("listening on ")
+            .next()
+            .and_then(|s| s.trim_end_matches(')').parse().ok());
         Mount {
             proc,
             dir: dir.to_path_buf(),
+            listen_addr,
         }
     }
 
