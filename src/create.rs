@@ -87,7 +87,8 @@ pub struct Source {
 /// Symlinks to files are followed; symlinked directories and special files are skipped, so the
 /// walk cannot loop.
 pub fn scan(path: &Path) -> anyhow::Result<Source> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     let name = file_name(path)?;
     let mut files = Vec::new();
     if meta.is_file() {
@@ -109,6 +110,10 @@ pub fn scan(path: &Path) -> anyhow::Result<Source> {
         .iter()
         .try_fold(0u64, |sum, f| sum.checked_add(f.length))
         .context("total size overflows")?;
+    if total_length == 0 {
+        // libtorrent and Transmission refuse torrents without a single byte.
+        bail!("{} holds no data (all files are empty)", path.display());
+    }
     Ok(Source {
         name,
         multi_file: meta.is_dir(),
@@ -326,7 +331,9 @@ mod tests {
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[test]
@@ -351,8 +358,10 @@ mod tests {
         .unwrap();
         let stream = [a, b, c].concat();
         assert_eq!(last.get(), stream.len() as u64);
-        let expected: Vec<[u8; 20]> =
-            stream.chunks(16384).map(|p| Sha1::digest(p).into()).collect();
+        let expected: Vec<[u8; 20]> = stream
+            .chunks(16384)
+            .map(|p| Sha1::digest(p).into())
+            .collect();
         assert_eq!(hashes, expected);
     }
 
@@ -385,6 +394,9 @@ mod tests {
         std::fs::create_dir(dir.path().join("empty")).unwrap();
         let err = scan(&dir.path().join("empty")).unwrap_err();
         assert!(err.to_string().contains("no files"), "{err}");
+        write(&dir.path().join("zeros/a"), b"");
+        let err = scan(&dir.path().join("zeros")).unwrap_err();
+        assert!(err.to_string().contains("no data"), "{err}");
     }
 
     #[test]

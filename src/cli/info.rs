@@ -4,7 +4,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::core::metainfo::{Magnet, Metainfo};
+use crate::core::metainfo::{Magnet, Metainfo, MetainfoError};
 use crate::core::units::format_size;
 
 #[derive(clap::Args, Debug)]
@@ -31,8 +31,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     } else {
         let path = Path::new(&args.source);
-        let metainfo = Metainfo::from_file(path)
-            .with_context(|| format!("cannot load {}", path.display()))?;
+        let metainfo = Metainfo::from_file(path).map_err(|e| match e {
+            MetainfoError::Io { .. } => anyhow::Error::new(e),
+            e => {
+                anyhow::Error::new(e).context(format!("{} is not a valid torrent", path.display()))
+            }
+        })?;
         if args.json {
             println!("{}", torrent_json(&metainfo));
         } else {
@@ -72,7 +76,11 @@ pub fn torrent_text(m: &Metainfo) -> String {
     line("info-hash:", m.info_hash.to_hex());
     line(
         "total size:",
-        format!("{} ({} bytes)", format_size(m.info.total_length()), m.info.total_length()),
+        format!(
+            "{} ({} bytes)",
+            format_size(m.info.total_length()),
+            m.info.total_length()
+        ),
     );
     line(
         "pieces:",
@@ -106,7 +114,11 @@ pub fn torrent_text(m: &Metainfo) -> String {
     let files: Vec<_> = m.info.visible_files().collect();
     out.push_str(&format!("files ({}):\n", files.len()));
     for (_, f) in files {
-        out.push_str(&format!("  {:>10}  {}\n", format_size(f.length), f.display_path()));
+        out.push_str(&format!(
+            "  {:>10}  {}\n",
+            format_size(f.length),
+            f.display_path()
+        ));
     }
     out
 }

@@ -220,7 +220,13 @@ impl<'a> Reader<'a> {
             let d = (b - b'0') as i64;
             value = value
                 .checked_mul(10)
-                .and_then(|v| if negative { v.checked_sub(d) } else { v.checked_add(d) })
+                .and_then(|v| {
+                    if negative {
+                        v.checked_sub(d)
+                    } else {
+                        v.checked_add(d)
+                    }
+                })
                 .ok_or(BencodeError::IntegerOverflow(start))?;
             digits += 1;
             self.pos += 1;
@@ -328,7 +334,10 @@ mod tests {
         assert_eq!(list.raw, b"l3:xyzi0ee");
         assert_eq!(list.as_list().unwrap()[0].as_bytes(), Some(&b"xyz"[..]));
         assert_eq!(node.get("c").unwrap().raw, b"d1:d0:e");
-        assert_eq!(node.get("c").unwrap().get("d").unwrap().as_bytes(), Some(&b""[..]));
+        assert_eq!(
+            node.get("c").unwrap().get("d").unwrap().as_bytes(),
+            Some(&b""[..])
+        );
         assert!(node.get("zz").is_none());
     }
 
@@ -342,21 +351,44 @@ mod tests {
             (b"i-e", |e| matches!(e, BadInteger(_))),
             (b"i-0e", |e| matches!(e, BadInteger(_))),
             (b"i1x2e", |e| matches!(e, UnexpectedByte { byte: b'x', .. })),
-            (b"i99999999999999999999e", |e| matches!(e, IntegerOverflow(_))),
-            (b"99999999999999999999:a", |e| matches!(e, IntegerOverflow(_))),
-            (b"5:abc", |e| matches!(e, LengthPastEnd { length: 5, remaining: 3, .. })),
-            (b"9223372036854775807:", |e| matches!(e, LengthPastEnd { .. })),
+            (b"i99999999999999999999e", |e| {
+                matches!(e, IntegerOverflow(_))
+            }),
+            (b"99999999999999999999:a", |e| {
+                matches!(e, IntegerOverflow(_))
+            }),
+            (b"5:abc", |e| {
+                matches!(
+                    e,
+                    LengthPastEnd {
+                        length: 5,
+                        remaining: 3,
+                        ..
+                    }
+                )
+            }),
+            (b"9223372036854775807:", |e| {
+                matches!(e, LengthPastEnd { .. })
+            }),
             (b"-1:a", |e| matches!(e, UnexpectedByte { .. })),
             (b"l", |e| matches!(e, UnexpectedEnd(1))),
-            (b"di1ei2ee", |e| matches!(e, UnexpectedByte { byte: b'i', .. })),
+            (b"di1ei2ee", |e| {
+                matches!(e, UnexpectedByte { byte: b'i', .. })
+            }),
             (b"d1:ai1e1:ai2ee", |e| matches!(e, DuplicateKey { .. })),
-            (b"d1:bi1e1:ai2e1:bi3ee", |e| matches!(e, DuplicateKey { .. })),
+            (b"d1:bi1e1:ai2e1:bi3ee", |e| {
+                matches!(e, DuplicateKey { .. })
+            }),
             (b"i1ei2e", |e| matches!(e, TrailingData(3))),
             (b"x", |e| matches!(e, UnexpectedByte { byte: b'x', .. })),
         ];
         for (input, check) in cases {
             let err = decode(input).unwrap_err();
-            assert!(check(&err), "{:?}: got {err:?}", String::from_utf8_lossy(input));
+            assert!(
+                check(&err),
+                "{:?}: got {err:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -368,8 +400,14 @@ mod tests {
             v
         };
         assert!(decode(&deep(MAX_DEPTH)).is_ok());
-        assert!(matches!(decode(&deep(MAX_DEPTH + 1)), Err(BencodeError::TooDeep(_))));
-        assert!(matches!(decode(&deep(100_000)), Err(BencodeError::TooDeep(_))));
+        assert!(matches!(
+            decode(&deep(MAX_DEPTH + 1)),
+            Err(BencodeError::TooDeep(_))
+        ));
+        assert!(matches!(
+            decode(&deep(100_000)),
+            Err(BencodeError::TooDeep(_))
+        ));
     }
 
     #[test]

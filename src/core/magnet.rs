@@ -32,7 +32,9 @@ pub enum MagnetError {
     BadInfoHash(String),
     #[error("magnet link has two different info-hashes")]
     ConflictingInfoHashes,
-    #[error("magnet link has only a v2 info-hash (urn:btmh); v2-only torrents are not supported yet")]
+    #[error(
+        "magnet link has only a v2 info-hash (urn:btmh); v2-only torrents are not supported yet"
+    )]
     V2Only,
     #[error("bad peer address {0:?} in x.pe (expected IPv4:port or [IPv6]:port)")]
     BadPeer(String),
@@ -131,7 +133,10 @@ impl Magnet {
             out.push_str(&format!("&tr={}", utf8_percent_encode(tr, VALUE)));
         }
         for pe in &self.peers {
-            out.push_str(&format!("&x.pe={}", utf8_percent_encode(&pe.to_string(), VALUE)));
+            out.push_str(&format!(
+                "&x.pe={}",
+                utf8_percent_encode(&pe.to_string(), VALUE)
+            ));
         }
         out
     }

@@ -137,7 +137,7 @@ pub struct Metainfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetainfoError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         source: std::io::Error,
@@ -321,7 +321,9 @@ fn list_of<'n, 'a>(node: &'n Node<'a>, key: &str) -> Result<&'n [Node<'a>], Meta
 fn optional_text(dict: &Node<'_>, key: &str) -> Result<Option<String>, MetainfoError> {
     match dict.get(key) {
         None => Ok(None),
-        Some(n) => Ok(Some(String::from_utf8_lossy(bytes_of(n, key)?).into_owned())),
+        Some(n) => Ok(Some(
+            String::from_utf8_lossy(bytes_of(n, key)?).into_owned(),
+        )),
     }
 }
 
@@ -574,11 +576,15 @@ fn check_tree(files: &[FileEntry]) -> Result<(), MetainfoError> {
 /// What a torrent holds: one file called `name`, or a directory `name` with files below it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TorrentContent {
-    SingleFile { length: u64 },
+    SingleFile {
+        length: u64,
+    },
     /// `(path components below the root, length)`, in the order their bytes were hashed.
     /// Callers sort them by path (as `Vec<String>`) first; the builder insists on it, so the
     /// same input always gives the same torrent.
-    Directory { files: Vec<(Vec<String>, u64)> },
+    Directory {
+        files: Vec<(Vec<String>, u64)>,
+    },
 }
 
 /// Everything that goes into a new .torrent.
@@ -612,7 +618,11 @@ pub enum BuildError {
 /// Encodes a torrent deterministically (sorted keys, sorted paths, no date unless given) and
 /// checks that it parses back with the same geometry.
 pub fn build_torrent(spec: &TorrentSpec) -> Result<Vec<u8>, BuildError> {
-    let int = |v: u64| i64::try_from(v).map(Owned::Int).map_err(|_| BuildError::TooLarge(v));
+    let int = |v: u64| {
+        i64::try_from(v)
+            .map(Owned::Int)
+            .map_err(|_| BuildError::TooLarge(v))
+    };
     let mut pieces = Vec::with_capacity(spec.piece_hashes.len() * 20);
     for h in &spec.piece_hashes {
         pieces.extend_from_slice(h);
@@ -660,7 +670,12 @@ pub fn build_torrent(spec: &TorrentSpec) -> Result<Vec<u8>, BuildError> {
     let tiers: Vec<Vec<String>> = spec
         .trackers
         .iter()
-        .map(|t| t.iter().filter(|u| !u.is_empty()).cloned().collect::<Vec<_>>())
+        .map(|t| {
+            t.iter()
+                .filter(|u| !u.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+        })
         .filter(|t| !t.is_empty())
         .collect();
     if let Some(first) = tiers.first().and_then(|t| t.first()) {
@@ -767,7 +782,10 @@ mod tests {
         assert_eq!(m.info.files.len(), 1);
         assert_eq!(m.info.files[0].path, ["file.iso"]);
         assert_eq!(m.info.files[0].length, 50_000);
-        assert_eq!(m.trackers(), vec![vec!["http://127.0.0.1:1/announce".to_string()]]);
+        assert_eq!(
+            m.trackers(),
+            vec![vec!["http://127.0.0.1:1/announce".to_string()]]
+        );
         // A single tracker is written as `announce` only.
         assert!(!bytes.windows(13).any(|w| w == b"announce-list"));
         assert!(!bytes.windows(13).any(|w| w == b"creation date"));
@@ -779,7 +797,10 @@ mod tests {
         if let TorrentContent::Directory { files } = &mut spec.content {
             files.swap(0, 2);
         }
-        assert!(matches!(build_torrent(&spec), Err(BuildError::UnsortedFiles(_))));
+        assert!(matches!(
+            build_torrent(&spec),
+            Err(BuildError::UnsortedFiles(_))
+        ));
         let mut spec = multi_spec();
         spec.piece_hashes.pop();
         assert!(matches!(
@@ -1069,7 +1090,10 @@ mod tests {
                 // Whatever parses is consistent.
                 let total: u64 = m.info.files.iter().map(|f| f.length).sum();
                 assert_eq!(total, m.info.total_length());
-                assert_eq!(m.info.piece_hashes.len(), m.info.lengths.piece_count() as usize);
+                assert_eq!(
+                    m.info.piece_hashes.len(),
+                    m.info.lengths.piece_count() as usize
+                );
                 assert_eq!(m.info_hash, InfoHash::of_info(&m.info_bytes));
                 let _ = Info::from_bytes(&m.info_bytes).unwrap();
             }
@@ -1081,9 +1105,14 @@ mod tests {
     #[test]
     fn libtorrent_hybrid_with_pad_files() {
         // Made by python3-libtorrent 2.0 create_torrent (default flags: hybrid v1+v2, pads).
-        let m = Metainfo::from_bytes(include_bytes!("../../tests/fixtures/libtorrent-pad.torrent"))
-            .unwrap();
-        assert_eq!(m.info_hash.to_hex(), "ddde2fda68414a34ee25e12511f29f60759bcfca");
+        let m = Metainfo::from_bytes(include_bytes!(
+            "../../tests/fixtures/libtorrent-pad.torrent"
+        ))
+        .unwrap();
+        assert_eq!(
+            m.info_hash.to_hex(),
+            "ddde2fda68414a34ee25e12511f29f60759bcfca"
+        );
         assert_eq!(m.info.lengths.piece_count(), 4);
         let all: Vec<(String, u64, u64, bool)> = m
             .info
@@ -1105,7 +1134,10 @@ mod tests {
             .collect();
         assert_eq!(all, expected);
         assert_eq!(m.info.visible_files().count(), 3);
-        assert_eq!(m.trackers(), vec![vec!["http://127.0.0.1:6969/announce".to_string()]]);
+        assert_eq!(
+            m.trackers(),
+            vec![vec!["http://127.0.0.1:6969/announce".to_string()]]
+        );
     }
 
     #[test]
