@@ -254,7 +254,7 @@ fn read_stream(
                 filled += n;
                 left -= n as u64;
                 if filled == buffer_bytes {
-                    let full = std::mem::replace(&mut buffer, Vec::new());
+                    let full = std::mem::take(&mut buffer);
                     if full_tx.send(Ok(full)).is_err() {
                         bail!("stopped");
                     }

@@ -296,7 +296,9 @@ fn swarmfs_create_torrents_load_in_reference_tools() {
     let unicode_single = dir.path().join("ñame – 名前.mkv");
     std::fs::write(&unicode_single, content(5, 8)).unwrap();
 
-    let cases: Vec<(&Path, Vec<(String, u64)>, &[&str])> = vec![
+    /// Source, the files we expect to see, extra `create` arguments.
+    type Case<'a> = (&'a Path, Vec<(String, u64)>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (&single, vec![("single file.iso".into(), 300_000)], &[]),
         (
             &unicode_single,

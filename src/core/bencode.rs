@@ -344,7 +344,8 @@ mod tests {
     #[test]
     fn rejects_malformed_input() {
         use BencodeError::*;
-        let cases: &[(&[u8], fn(&BencodeError) -> bool)] = &[
+        type Check = fn(&BencodeError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"", |e| matches!(e, UnexpectedEnd(0))),
             (b"i12", |e| matches!(e, UnexpectedEnd(_))),
             (b"ie", |e| matches!(e, BadInteger(_))),
@@ -396,7 +397,7 @@ mod tests {
     fn limits_nesting() {
         let deep = |n: usize| {
             let mut v = vec![b'l'; n];
-            v.extend(std::iter::repeat(b'e').take(n));
+            v.extend(std::iter::repeat_n(b'e', n));
             v
         };
         assert!(decode(&deep(MAX_DEPTH)).is_ok());

@@ -445,7 +445,7 @@ fn parse_info(info: &Node<'_>) -> Result<Info, MetainfoError> {
             });
         }
     };
-    if pieces.len() % 20 != 0 {
+    if !pieces.len().is_multiple_of(20) {
         return Err(MetainfoError::PiecesNotMultipleOf20(pieces.len()));
     }
     let piece_hashes: Vec<[u8; 20]> = pieces
