@@ -1,7 +1,9 @@
 //! Pure logic: no tokio, no sockets, no clock (time is a parameter). Unit-tested beside the code.
+pub mod bencode;
 pub mod cache;
 pub mod choker;
 pub mod layout;
+pub mod magnet;
 pub mod metainfo;
 pub mod picker;
 pub mod tracker_proto;
