@@ -34,7 +34,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn",
+        // fuser warns when the kernel was unmounted before it: expected after `fusermount -u`.
+        0 => "warn,fuser=error",
         1 => "info",
         2 => "debug",
         _ => "trace",

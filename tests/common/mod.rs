@@ -184,9 +184,16 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     fa.sort();
     fb.sort();
     assert_eq!(fa, fb, "file lists differ between {} and {}", a.display(), b.display());
+    let under = |root: &Path, rel: &Path| {
+        if rel.as_os_str().is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        }
+    };
     for rel in fa {
-        let x = std::fs::read(a.join(&rel)).unwrap();
-        let y = std::fs::read(b.join(&rel)).unwrap();
+        let x = std::fs::read(under(a, &rel)).unwrap();
+        let y = std::fs::read(under(b, &rel)).unwrap();
         assert!(x == y, "{} differs ({} vs {} bytes)", rel.display(), x.len(), y.len());
     }
 }
