@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, AsciiSet, NON_ALPHANUMERIC};
 use serde_bencode::value::Value;
 
 /// Bytes left alone in a query value: the RFC 3986 unreserved set. Everything else (including all
@@ -300,7 +300,7 @@ fn check_failure(dict: &HashMap<Vec<u8>, Value>) -> Result<(), TrackerError> {
 
 fn compact_peers(bytes: &[u8], ipv6: bool) -> Result<Vec<SocketAddr>, TrackerError> {
     let size = if ipv6 { 18 } else { 6 };
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(TrackerError::Malformed(format!(
             "compact peer list of {} bytes is not a multiple of {size}",
             bytes.len()
@@ -576,11 +576,6 @@ pub fn parse_scrape_query(query: &str) -> Result<Vec<[u8; 20]>, TrackerError> {
         }
     }
     Ok(hashes)
-}
-
-/// Percent-encodes `text` for a query value (for building URLs by hand, e.g. in tests).
-pub fn encode_query_value(text: &str) -> String {
-    utf8_percent_encode(text, QUERY_VALUE).to_string()
 }
 
 #[cfg(test)]

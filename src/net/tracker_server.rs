@@ -89,8 +89,7 @@ pub struct AnnounceSeen {
     pub left: u64,
 }
 
-/// A running tracker. Dropping it without `shutdown` leaves the serve task running until the
-/// runtime ends.
+/// A running tracker. Dropping it also stops it (without waiting); `shutdown` waits.
 pub struct TrackerServer {
     pub local_addr: SocketAddr,
     shared: Arc<Shared>,
@@ -213,9 +212,9 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
-    match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-        Ok(Err(e)) => log::debug!("tracker: connection from {remote}: {e}"),
-        Ok(Ok(())) | Err(_) => {}
+    // A connection that outlives CONNECTION_LIFETIME is simply dropped.
+    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+        log::debug!("tracker: connection from {remote}: {e}");
     }
 }
 
