@@ -123,23 +123,45 @@ fn swarmfs_seeds_aria2c_downloads_through_builtin_tracker() {
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
 
-/// Debian's opentracker on a free port, whitelisting `info_hash_hex`.
+/// Debian's opentracker on a free port, whitelisting `info_hash_hex`; returns once it accepts
+/// an announce for that hash (it loads its whitelist after it starts listening).
 fn opentracker(dir: &Path, info_hash_hex: &str, logs: &Path) -> (Proc, String) {
-    let wl = dir.join("whitelist");
-    std::fs::write(&wl, format!("{info_hash_hex}\n")).unwrap();
+    // opentracker chroots to -d and reads the whitelist from there, so the name is relative.
+    std::fs::write(dir.join("whitelist"), format!("{info_hash_hex}\n")).unwrap();
     let port = free_port();
     let p = Proc::spawn(
         "opentracker",
-        Command::new("opentracker").arg("-i").arg("127.0.0.1").arg("-p").arg(port.to_string()).arg("-P").arg(port.to_string()).arg("-w").arg(&wl),
+        Command::new("opentracker")
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-P", &port.to_string(), "-w", "whitelist", "-d"])
+            .arg(dir)
+            .current_dir(dir),
         logs,
     );
-    // Wait until it accepts connections (watchdog 30 s).
+    let hash = hex_decode(info_hash_hex);
+    let escaped: String = hash.iter().map(|b| format!("%{b:02x}")).collect();
+    let probe = format!(
+        "GET /announce?info_hash={escaped}&peer_id=-XX0000-000000000000&port=1&uploaded=0&downloaded=0&left=0&event=stopped&compact=1 HTTP/1.0\r\n\r\n"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
         assert!(std::time::Instant::now() < deadline, "opentracker did not start: {}", p.stderr());
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let mut body = Vec::new();
+            if c.write_all(probe.as_bytes()).is_ok() && c.read_to_end(&mut body).is_ok() {
+                let body = String::from_utf8_lossy(&body);
+                if body.starts_with("HTTP/1.") && body.contains(" 200 ") && !body.contains("failure reason") {
+                    break;
+                }
+            }
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, format!("http://127.0.0.1:{port}/announce"))
+}
+
+fn hex_decode(h: &str) -> Vec<u8> {
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
 }
 
 fn info_hash_of(torrent: &Path) -> String {

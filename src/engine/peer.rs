@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::core::layout::{Bitfield, BlockRef};
 use crate::core::picker::PeerKey;
-use crate::core::wire::{BlockRequest, Handshake, Message, MAX_REQUEST_LEN};
+use crate::core::wire::{BlockRequest, ExtendedHandshake, Handshake, Message, MAX_REQUEST_LEN};
 use crate::engine::torrent::{PeerCommand, Torrent};
 use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 
@@ -64,6 +64,7 @@ pub async fn run(
         t: t.clone(),
         key,
         fast: theirs.supports_fast(),
+        extensions: theirs.supports_extensions(),
         bitfield: Bitfield::new(t.lengths.piece_count()),
         out: out_tx,
         queued,
@@ -127,6 +128,7 @@ struct Conn {
     t: Arc<Torrent>,
     key: PeerKey,
     fast: bool,
+    extensions: bool,
     bitfield: Bitfield,
     out: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<AtomicUsize>,
@@ -162,6 +164,18 @@ impl Conn {
             self.send(Message::Bitfield(bytes::Bytes::copy_from_slice(
                 have.as_bytes(),
             )));
+        }
+        if self.extensions {
+            let hs = ExtendedHandshake {
+                client: Some(format!("swarmfs {}", env!("CARGO_PKG_VERSION"))),
+                listen_port: Some(self.t.listen_port),
+                request_queue: Some(MAX_QUEUE as u32 * 2),
+                ..ExtendedHandshake::default()
+            };
+            self.send(Message::Extended {
+                id: 0,
+                payload: bytes::Bytes::from(hs.encode()),
+            });
         }
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -268,33 +282,29 @@ impl Conn {
     }
 
     async fn on_message(&mut self, msg: Message) -> Result<(), PeerError> {
+        // A bitfield (or have-all / have-none) must come before any other statement of what the
+        // peer has. Clients differ in what they send before it (libtorrent its extension
+        // handshake, aria2 allowed-fast messages), so only the availability messages count.
         let first = !self.got_first;
-        self.got_first = true;
+        if matches!(
+            msg,
+            Message::Bitfield(_) | Message::HaveAll | Message::HaveNone | Message::Have(_)
+        ) {
+            self.got_first = true;
+        }
         let n = self.t.lengths.piece_count();
         match msg {
             Message::KeepAlive => {}
             Message::Bitfield(bytes) => {
-                if !first {
-                    return Err(self.violation("bitfield after the first message"));
-                }
                 let bf = Bitfield::from_bytes(&bytes, n)
                     .ok_or_else(|| self.violation("bitfield of the wrong size"))?;
-                self.set_bitfield(bf);
+                self.merge_bitfield(bf, first);
             }
             Message::HaveAll | Message::HaveNone if !self.fast => {
                 return Err(self.violation("fast-extension message without the fast bit"));
             }
-            Message::HaveAll => {
-                if !first {
-                    return Err(self.violation("have-all after the first message"));
-                }
-                self.set_bitfield(Bitfield::full(n));
-            }
-            Message::HaveNone => {
-                if !first {
-                    return Err(self.violation("have-none after the first message"));
-                }
-            }
+            Message::HaveAll => self.merge_bitfield(Bitfield::full(n), first),
+            Message::HaveNone => {}
             Message::Have(i) => {
                 let p = self
                     .t
@@ -375,10 +385,30 @@ impl Conn {
         Ok(())
     }
 
-    fn set_bitfield(&mut self, bf: Bitfield) {
+    /// A bitfield or have-all. Normally the first statement of what the peer has; some clients
+    /// (aria2 after have-none) send one later, which only adds pieces.
+    fn merge_bitfield(&mut self, bf: Bitfield, first: bool) {
+        if !first {
+            for i in bf.iter_ones().collect::<Vec<_>>() {
+                if !self.bitfield.get(i) {
+                    self.bitfield.set(i, true);
+                    if let Some(p) = self.t.lengths.piece(i) {
+                        self.t.lock().picker.peer_has(p);
+                    }
+                }
+            }
+            let bf = self.bitfield.clone();
+            return self.set_bitfield(bf, false);
+        }
+        self.set_bitfield(bf, true);
+    }
+
+    fn set_bitfield(&mut self, bf: Bitfield, count: bool) {
         {
             let mut st = self.t.lock();
-            st.picker.peer_has_bitfield(&bf);
+            if count {
+                st.picker.peer_has_bitfield(&bf);
+            }
             if bf.all() {
                 if let Some(e) = st.peers.get_mut(&self.key) {
                     e.is_seed = true;
@@ -387,6 +417,7 @@ impl Conn {
         }
         self.bitfield = bf;
         self.update_interest();
+        self.fill_requests();
     }
 
     fn on_request(&mut self, r: BlockRequest) -> Result<(), PeerError> {
