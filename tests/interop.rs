@@ -13,11 +13,22 @@ fn lt_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lt_client.py")
 }
 
-fn libtorrent(mode: &str, torrent: &Path, save: &Path, logs: &Path, extra: &[String]) -> (Proc, std::net::SocketAddr) {
+fn libtorrent(
+    mode: &str,
+    torrent: &Path,
+    save: &Path,
+    logs: &Path,
+    extra: &[String],
+) -> (Proc, std::net::SocketAddr) {
     std::fs::create_dir_all(save).unwrap();
     let mut p = Proc::spawn(
         &format!("libtorrent-{mode}"),
-        Command::new(PY).arg(lt_script()).arg(mode).arg(torrent).arg(save).args(extra),
+        Command::new(PY)
+            .arg(lt_script())
+            .arg(mode)
+            .arg(torrent)
+            .arg(save)
+            .args(extra),
         logs,
     );
     let addr = p.listen_addr();
@@ -56,8 +67,19 @@ fn libtorrent_seeds_swarmfs_downloads() {
     dataset(&tmp.path().join("src/set"));
     let t = tmp.path().join("set.torrent");
     create_torrent(&tmp.path().join("src/set"), &t, &[]);
-    let (_lt, addr) = libtorrent("seed", &t, &tmp.path().join("src"), &tmp.path().join("lt.log"), &[]);
-    swarmfs_download(&t, &tmp.path().join("dst"), &tmp.path().join("dl.log"), &["--peer", &addr.to_string()]);
+    let (_lt, addr) = libtorrent(
+        "seed",
+        &t,
+        &tmp.path().join("src"),
+        &tmp.path().join("lt.log"),
+        &[],
+    );
+    swarmfs_download(
+        &t,
+        &tmp.path().join("dst"),
+        &tmp.path().join("dl.log"),
+        &["--peer", &addr.to_string()],
+    );
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
 
@@ -67,8 +89,19 @@ fn swarmfs_seeds_libtorrent_downloads() {
     dataset(&tmp.path().join("src/set"));
     let t = tmp.path().join("set.torrent");
     create_torrent(&tmp.path().join("src/set"), &t, &[]);
-    let (_seed, addr) = seeder(&tmp.path().join("src"), &t, &tmp.path().join("seed.log"), &[]);
-    let (mut lt, _) = libtorrent("download", &t, &tmp.path().join("dst"), &tmp.path().join("lt.log"), &["--peer".into(), addr.to_string()]);
+    let (_seed, addr) = seeder(
+        &tmp.path().join("src"),
+        &t,
+        &tmp.path().join("seed.log"),
+        &[],
+    );
+    let (mut lt, _) = libtorrent(
+        "download",
+        &t,
+        &tmp.path().join("dst"),
+        &tmp.path().join("lt.log"),
+        &["--peer".into(), addr.to_string()],
+    );
     lt.wait_line("done", Duration::from_secs(180));
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
@@ -81,7 +114,10 @@ fn builtin_tracker(logs: &Path) -> (Proc, String) {
         logs,
     );
     let line = p.wait_line("tracker listening on ", Duration::from_secs(30));
-    let url = line.trim_start_matches("tracker listening on ").trim().to_string();
+    let url = line
+        .trim_start_matches("tracker listening on ")
+        .trim()
+        .to_string();
     (p, url)
 }
 
@@ -118,7 +154,12 @@ fn swarmfs_seeds_aria2c_downloads_through_builtin_tracker() {
     let (_tracker, url) = builtin_tracker(&tmp.path().join("tracker.log"));
     let t = tmp.path().join("set.torrent");
     create_torrent(&tmp.path().join("src/set"), &t, &["--tracker", &url]);
-    let (_seed, _) = seeder(&tmp.path().join("src"), &t, &tmp.path().join("seed.log"), &[]);
+    let (_seed, _) = seeder(
+        &tmp.path().join("src"),
+        &t,
+        &tmp.path().join("seed.log"),
+        &[],
+    );
     aria2c_download(&t, &tmp.path().join("dst"), &tmp.path().join("aria2.log"));
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
@@ -132,7 +173,17 @@ fn opentracker(dir: &Path, info_hash_hex: &str, logs: &Path) -> (Proc, String) {
     let p = Proc::spawn(
         "opentracker",
         Command::new("opentracker")
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-P", &port.to_string(), "-w", "whitelist", "-d"])
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-P",
+                &port.to_string(),
+                "-w",
+                "whitelist",
+                "-d",
+            ])
             .arg(dir)
             .current_dir(dir),
         logs,
@@ -144,13 +195,20 @@ fn opentracker(dir: &Path, info_hash_hex: &str, logs: &Path) -> (Proc, String) {
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(std::time::Instant::now() < deadline, "opentracker did not start: {}", p.stderr());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "opentracker did not start: {}",
+            p.stderr()
+        );
         if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             use std::io::{Read, Write};
             let mut body = Vec::new();
             if c.write_all(probe.as_bytes()).is_ok() && c.read_to_end(&mut body).is_ok() {
                 let body = String::from_utf8_lossy(&body);
-                if body.starts_with("HTTP/1.") && body.contains(" 200 ") && !body.contains("failure reason") {
+                if body.starts_with("HTTP/1.")
+                    && body.contains(" 200 ")
+                    && !body.contains("failure reason")
+                {
                     break;
                 }
             }
@@ -161,13 +219,19 @@ fn opentracker(dir: &Path, info_hash_hex: &str, logs: &Path) -> (Proc, String) {
 }
 
 fn hex_decode(h: &str) -> Vec<u8> {
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn info_hash_of(torrent: &Path) -> String {
     let out = run_ok(Command::new(bin()).arg("info").arg("--json").arg(torrent));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["info_hash"].as_str().expect("info --json has info_hash").to_string()
+    v["info_hash"]
+        .as_str()
+        .expect("info --json has info_hash")
+        .to_string()
 }
 
 #[test]
@@ -179,9 +243,20 @@ fn libtorrent_seeds_swarmfs_downloads_through_opentracker() {
     create_torrent(&tmp.path().join("src/set"), &t0, &[]);
     let hash = info_hash_of(&t0);
     let (_ot, url) = opentracker(tmp.path(), &hash, &tmp.path().join("ot.log"));
-    let (_lt, _) = libtorrent("seed", &t0, &tmp.path().join("src"), &tmp.path().join("lt.log"), &["--tracker".into(), url.clone()]);
+    let (_lt, _) = libtorrent(
+        "seed",
+        &t0,
+        &tmp.path().join("src"),
+        &tmp.path().join("lt.log"),
+        &["--tracker".into(), url.clone()],
+    );
     // Trackers given on the command line; the info-hash is unchanged.
-    swarmfs_download(&t0, &tmp.path().join("dst"), &tmp.path().join("dl.log"), &["--tracker", &url]);
+    swarmfs_download(
+        &t0,
+        &tmp.path().join("dst"),
+        &tmp.path().join("dl.log"),
+        &["--tracker", &url],
+    );
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
 
@@ -191,17 +266,37 @@ fn mount_reads_from_libtorrent_and_libtorrent_downloads_from_the_mount() {
     dataset(&tmp.path().join("src/set"));
     let t = tmp.path().join("set.torrent");
     create_torrent(&tmp.path().join("src/set"), &t, &[]);
-    let (lt_seed, addr) = libtorrent("seed", &t, &tmp.path().join("src"), &tmp.path().join("lt-seed.log"), &[]);
+    let (lt_seed, addr) = libtorrent(
+        "seed",
+        &t,
+        &tmp.path().join("src"),
+        &tmp.path().join("lt-seed.log"),
+        &[],
+    );
     let mnt = tmp.path().join("mnt");
-    let m = Mount::start(&t, &mnt, &tmp.path().join("mount.log"), &["--peer", &addr.to_string()]);
+    let m = Mount::start(
+        &t,
+        &mnt,
+        &tmp.path().join("mount.log"),
+        &["--peer", &addr.to_string()],
+    );
     let (a, b) = (tmp.path().join("src/set"), mnt.join("set"));
-    with_watchdog(Duration::from_secs(120), "reading through the mount", move || assert_same_tree(&a, &b));
+    with_watchdog(
+        Duration::from_secs(120),
+        "reading through the mount",
+        move || assert_same_tree(&a, &b),
+    );
     // The mount now holds every piece in its cache; with the libtorrent seeder gone, a second
     // libtorrent can only get them from the mount.
     drop(lt_seed);
     let mount_addr = m.listen_addr.expect("mount printed its listen address");
-    let (mut lt, _) = libtorrent("download", &t, &tmp.path().join("dst"), &tmp.path().join("lt-dl.log"), &["--peer".into(), mount_addr.to_string()]);
+    let (mut lt, _) = libtorrent(
+        "download",
+        &t,
+        &tmp.path().join("dst"),
+        &tmp.path().join("lt-dl.log"),
+        &["--peer".into(), mount_addr.to_string()],
+    );
     lt.wait_line("done", Duration::from_secs(120));
     assert_same_tree(&tmp.path().join("src/set"), &tmp.path().join("dst/set"));
 }
-

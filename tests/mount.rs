@@ -33,7 +33,12 @@ fn swarm_of(name: &str, build: impl FnOnce(&Path)) -> Swarm {
     build(&root);
     let torrent = tmp.path().join(format!("{name}.torrent"));
     create_torrent(&root, &torrent, &[]);
-    let (seed, addr) = seeder(&tmp.path().join("src"), &torrent, &tmp.path().join("seed.log"), &[]);
+    let (seed, addr) = seeder(
+        &tmp.path().join("src"),
+        &torrent,
+        &tmp.path().join("seed.log"),
+        &[],
+    );
     Swarm {
         torrent,
         seed: Some(seed),
@@ -46,7 +51,12 @@ fn swarm_of(name: &str, build: impl FnOnce(&Path)) -> Swarm {
 fn every_file_reads_correctly_through_the_mount() {
     let s = swarm_of("set", awkward_set);
     let mnt = s.tmp.path().join("mnt");
-    let mut m = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount.log"), &["--peer", &s.peer]);
+    let mut m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount.log"),
+        &["--peer", &s.peer],
+    );
     let src = s.tmp.path().join("src/set");
     let mnt_set = mnt.join("set");
     let (src2, mnt2) = (src.clone(), mnt_set.clone());
@@ -57,7 +67,12 @@ fn every_file_reads_correctly_through_the_mount() {
         got.sort();
         assert_eq!(want, got);
         for rel in want {
-            assert_eq!(sha256_file(&src2.join(&rel)), sha256_file(&mnt2.join(&rel)), "{}", rel.display());
+            assert_eq!(
+                sha256_file(&src2.join(&rel)),
+                sha256_file(&mnt2.join(&rel)),
+                "{}",
+                rel.display()
+            );
         }
     });
     // Attributes: read-only files with exact sizes.
@@ -65,11 +80,22 @@ fn every_file_reads_correctly_through_the_mount() {
     assert_eq!(meta.len(), 262_144 + 1000);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o444);
-    assert!(std::fs::write(mnt_set.join("one byte"), b"x").is_err(), "mount must be read-only");
+    assert!(
+        std::fs::write(mnt_set.join("one byte"), b"x").is_err(),
+        "mount must be read-only"
+    );
     // Extended attributes.
-    let out = run_ok(Command::new("getfattr").args(["--only-values", "-n", "user.swarmfs.progress"]).arg(mnt_set.join("many/pieces.bin")));
+    let out = run_ok(
+        Command::new("getfattr")
+            .args(["--only-values", "-n", "user.swarmfs.progress"])
+            .arg(mnt_set.join("many/pieces.bin")),
+    );
     assert_eq!(out.trim(), "1.0000");
-    let out = run_ok(Command::new("getfattr").args(["--only-values", "-n", "user.swarmfs.pieces"]).arg(mnt_set.join("empty")));
+    let out = run_ok(
+        Command::new("getfattr")
+            .args(["--only-values", "-n", "user.swarmfs.pieces"])
+            .arg(mnt_set.join("empty")),
+    );
     assert!(!out.is_empty());
     // `cp -r` of the tree.
     let copy = s.tmp.path().join("copy");
@@ -77,15 +103,26 @@ fn every_file_reads_correctly_through_the_mount() {
     assert_same_tree(&src, &copy);
     m.unmount();
     let status = m.proc.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "mount exited with {status}: {}", m.proc.stderr());
+    assert!(
+        status.success(),
+        "mount exited with {status}: {}",
+        m.proc.stderr()
+    );
     assert!(!is_mountpoint(&mnt));
 }
 
 #[test]
 fn random_preads_match_the_original() {
-    let s = swarm_of("rand", |root| write_file(&root.join("data.bin"), 7 * 1024 * 1024 + 333, 9));
+    let s = swarm_of("rand", |root| {
+        write_file(&root.join("data.bin"), 7 * 1024 * 1024 + 333, 9)
+    });
     let mnt = s.tmp.path().join("mnt");
-    let _m = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount.log"), &["--peer", &s.peer]);
+    let _m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount.log"),
+        &["--peer", &s.peer],
+    );
     let orig = data(7 * 1024 * 1024 + 333, 9);
     let path = mnt.join("rand/data.bin");
     with_watchdog(Duration::from_secs(120), "random reads", move || {
@@ -98,7 +135,10 @@ fn random_preads_match_the_original() {
             let n = f.read_at(&mut buf, off).unwrap();
             let end = (off as usize + len).min(orig.len());
             assert_eq!(n, end - off as usize, "short read at {off}");
-            assert!(buf[..n] == orig[off as usize..end], "wrong bytes at {off}+{len}");
+            assert!(
+                buf[..n] == orig[off as usize..end],
+                "wrong bytes at {off}+{len}"
+            );
         }
     });
 }
@@ -110,17 +150,26 @@ fn concurrent_readers_progress_independently() {
         write_file(&root.join("b.bin"), 6 * 1024 * 1024 + 5, 12);
     });
     let mnt = s.tmp.path().join("mnt");
-    let _m = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount.log"), &["--peer", &s.peer]);
-    let readers: Vec<_> = [("a.bin", 11u64, 6 * 1024 * 1024), ("b.bin", 12, 6 * 1024 * 1024 + 5), ("a.bin", 11, 6 * 1024 * 1024)]
-        .into_iter()
-        .map(|(name, seed, len)| {
-            let p = mnt.join("two").join(name);
-            std::thread::spawn(move || {
-                let got = std::fs::read(&p).unwrap();
-                assert!(got == data(len, seed), "{name} differs");
-            })
+    let _m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount.log"),
+        &["--peer", &s.peer],
+    );
+    let readers: Vec<_> = [
+        ("a.bin", 11u64, 6 * 1024 * 1024),
+        ("b.bin", 12, 6 * 1024 * 1024 + 5),
+        ("a.bin", 11, 6 * 1024 * 1024),
+    ]
+    .into_iter()
+    .map(|(name, seed, len)| {
+        let p = mnt.join("two").join(name);
+        std::thread::spawn(move || {
+            let got = std::fs::read(&p).unwrap();
+            assert!(got == data(len, seed), "{name} differs");
         })
-        .collect();
+    })
+    .collect();
     with_watchdog(Duration::from_secs(120), "three readers", move || {
         for r in readers {
             r.join().unwrap();
@@ -130,17 +179,33 @@ fn concurrent_readers_progress_independently() {
 
 #[test]
 fn small_cache_reads_large_file_within_memory_bound_and_writes_nothing() {
-    let s = swarm_of("big", |root| write_file(&root.join("big.bin"), 64 * 1024 * 1024, 21));
+    let s = swarm_of("big", |root| {
+        write_file(&root.join("big.bin"), 64 * 1024 * 1024, 21)
+    });
     let mnt = s.tmp.path().join("mnt");
-    let m = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount.log"), &["--peer", &s.peer, "--cache-size", "4MiB"]);
+    let m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount.log"),
+        &["--peer", &s.peer, "--cache-size", "4MiB"],
+    );
     let before = m.write_bytes();
     let p = mnt.join("big/big.bin");
-    let sum = with_watchdog(Duration::from_secs(180), "reading 64 MiB", move || sha256_file(&p));
+    let sum = with_watchdog(Duration::from_secs(180), "reading 64 MiB", move || {
+        sha256_file(&p)
+    });
     assert_eq!(sum, sha256(&data(64 * 1024 * 1024, 21)));
     let rss = m.peak_rss();
-    assert!(rss < (4 + 40) << 20, "peak RSS {} MiB over cache + 40 MiB", rss >> 20);
+    assert!(
+        rss < (4 + 40) << 20,
+        "peak RSS {} MiB over cache + 40 MiB",
+        rss >> 20
+    );
     let written = m.write_bytes() - before;
-    assert!(written < 1 << 20, "mount wrote {written} bytes to disk without --data-dir");
+    assert!(
+        written < 1 << 20,
+        "mount wrote {written} bytes to disk without --data-dir"
+    );
 }
 
 #[test]
@@ -151,23 +216,44 @@ fn data_dir_resumes_without_any_seeder() {
     });
     let mnt = s.tmp.path().join("mnt");
     let data_dir = s.tmp.path().join("data");
-    let mut m = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount1.log"), &["--peer", &s.peer, "-d", data_dir.to_str().unwrap()]);
+    let mut m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount1.log"),
+        &["--peer", &s.peer, "-d", data_dir.to_str().unwrap()],
+    );
     let (a, b) = (mnt.join("keep"), s.tmp.path().join("src/keep"));
-    with_watchdog(Duration::from_secs(120), "first read", move || assert_same_tree(&b, &a));
+    with_watchdog(Duration::from_secs(120), "first read", move || {
+        assert_same_tree(&b, &a)
+    });
     // With a data dir everything is fetched; the files on disk become complete.
     let (dd, src) = (data_dir.join("keep"), s.tmp.path().join("src/keep"));
-    with_watchdog(Duration::from_secs(120), "data dir complete", move || loop {
-        if files_under(&dd).len() == 2 && std::fs::read(dd.join("x.bin")).ok() == std::fs::read(src.join("x.bin")).ok() && std::fs::read(dd.join("y/z.bin")).ok() == std::fs::read(src.join("y/z.bin")).ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    });
+    with_watchdog(
+        Duration::from_secs(120),
+        "data dir complete",
+        move || loop {
+            if files_under(&dd).len() == 2
+                && std::fs::read(dd.join("x.bin")).ok() == std::fs::read(src.join("x.bin")).ok()
+                && std::fs::read(dd.join("y/z.bin")).ok() == std::fs::read(src.join("y/z.bin")).ok()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        },
+    );
     m.unmount();
     assert!(m.proc.wait_exit(Duration::from_secs(10)).success());
     drop(s.seed.take());
-    let _m2 = Mount::start(&s.torrent, &mnt, &s.tmp.path().join("mount2.log"), &["-d", data_dir.to_str().unwrap(), "--read-timeout", "20"]);
+    let _m2 = Mount::start(
+        &s.torrent,
+        &mnt,
+        &s.tmp.path().join("mount2.log"),
+        &["-d", data_dir.to_str().unwrap(), "--read-timeout", "20"],
+    );
     let (a, b) = (mnt.join("keep"), s.tmp.path().join("src/keep"));
-    with_watchdog(Duration::from_secs(60), "read from disk", move || assert_same_tree(&b, &a));
+    with_watchdog(Duration::from_secs(60), "read from disk", move || {
+        assert_same_tree(&b, &a)
+    });
 }
 
 /// A torrent nobody seeds: reads block until a signal, an unmount or the read timeout.
@@ -195,12 +281,22 @@ fn blocked_reader(path: std::path::PathBuf) -> std::sync::mpsc::Receiver<std::io
 fn sigterm_fails_a_blocked_read_with_eio_and_exits_cleanly() {
     let (tmp, t) = unseeded();
     let mnt = tmp.path().join("mnt");
-    let mut m = Mount::start(&t, &mnt, &tmp.path().join("mount.log"), &["--read-timeout", "600"]);
+    let mut m = Mount::start(
+        &t,
+        &mnt,
+        &tmp.path().join("mount.log"),
+        &["--read-timeout", "600"],
+    );
     let rx = blocked_reader(mnt.join("lonely.bin"));
     // The read must still be blocked (no peer has the piece).
-    assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err(), "read returned without data");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "read returned without data"
+    );
     m.proc.signal(libc::SIGTERM);
-    let r = rx.recv_timeout(Duration::from_secs(30)).expect("watchdog: read still blocked 30 s after SIGTERM");
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("watchdog: read still blocked 30 s after SIGTERM");
     let err = r.expect_err("read should fail");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let status = m.proc.wait_exit(Duration::from_secs(30));
@@ -212,15 +308,35 @@ fn sigterm_fails_a_blocked_read_with_eio_and_exits_cleanly() {
 fn lazy_unmount_and_read_timeout_end_a_blocked_read() {
     let (tmp, t) = unseeded();
     let mnt = tmp.path().join("mnt");
-    let mut m = Mount::start(&t, &mnt, &tmp.path().join("mount.log"), &["--read-timeout", "3"]);
+    let mut m = Mount::start(
+        &t,
+        &mnt,
+        &tmp.path().join("mount.log"),
+        &["--read-timeout", "3"],
+    );
     let rx = blocked_reader(mnt.join("lonely.bin"));
-    assert!(rx.recv_timeout(Duration::from_millis(1000)).is_err(), "read returned without data");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1000)).is_err(),
+        "read returned without data"
+    );
     // A busy mount cannot be unmounted plainly.
-    let plain = Command::new("fusermount3").arg("-u").arg(&mnt).output().unwrap();
-    assert!(!plain.status.success(), "plain unmount of a busy mount succeeded");
+    let plain = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plain unmount of a busy mount succeeded"
+    );
     run_ok(Command::new("fusermount3").arg("-uz").arg(&mnt));
-    let r = rx.recv_timeout(Duration::from_secs(30)).expect("watchdog: read blocked past --read-timeout");
-    assert_eq!(r.expect_err("read should fail").raw_os_error(), Some(libc::EIO));
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("watchdog: read blocked past --read-timeout");
+    assert_eq!(
+        r.expect_err("read should fail").raw_os_error(),
+        Some(libc::EIO)
+    );
     let status = m.proc.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit {status}: {}", m.proc.stderr());
 }
@@ -239,12 +355,21 @@ fn background_mount_is_live_when_the_command_returns() {
         .arg(s.tmp.path().join("bg.log"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // No waiting: the mount is there as soon as the command returned.
-    let names: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("bg")]);
     let p = mnt.join("bg/f.txt");
-    let got = with_watchdog(Duration::from_secs(60), "read", move || std::fs::read(p).unwrap());
+    let got = with_watchdog(Duration::from_secs(60), "read", move || {
+        std::fs::read(p).unwrap()
+    });
     assert!(got == data(1000, 51));
     run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(!is_mountpoint(&mnt));
@@ -254,17 +379,43 @@ fn background_mount_is_live_when_the_command_returns() {
 fn bad_input_gives_one_clear_line_and_no_mount() {
     let (tmp, t) = unseeded();
     let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
-        (vec![t.clone().into(), tmp.path().join("nope").into()], "does not exist"),
-        (vec![t.clone().into(), tmp.path().join("src/lonely.bin").into()], "not a directory"),
-        (vec![t.clone().into(), tmp.path().join("src").into()], "not empty"),
-        (vec![tmp.path().join("src/lonely.bin").into(), tmp.path().into()], "not a valid torrent"),
-        (vec![tmp.path().join("missing.torrent").into(), tmp.path().into()], "cannot read"),
+        (
+            vec![t.clone().into(), tmp.path().join("nope").into()],
+            "does not exist",
+        ),
+        (
+            vec![t.clone().into(), tmp.path().join("src/lonely.bin").into()],
+            "not a directory",
+        ),
+        (
+            vec![t.clone().into(), tmp.path().join("src").into()],
+            "not empty",
+        ),
+        (
+            vec![tmp.path().join("src/lonely.bin").into(), tmp.path().into()],
+            "not a valid torrent",
+        ),
+        (
+            vec![tmp.path().join("missing.torrent").into(), tmp.path().into()],
+            "cannot read",
+        ),
     ];
     for (args, expect) in cases {
-        let out = Command::new(bin()).arg("mount").args(&args).output().unwrap();
+        let out = Command::new(bin())
+            .arg("mount")
+            .args(&args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err:?}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: more than one line: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: more than one line: {err}"
+        );
     }
 }

@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use common::*;
 
-fn download(torrent: &std::path::Path, dir: &std::path::Path, logs: &std::path::Path, extra: &[&str]) -> Proc {
+fn download(
+    torrent: &std::path::Path,
+    dir: &std::path::Path,
+    logs: &std::path::Path,
+    extra: &[&str],
+) -> Proc {
     Proc::spawn(
         "download",
         Command::new(bin())
@@ -31,7 +36,12 @@ fn single_file_download_is_byte_identical() {
     create_torrent(&src.join("big.bin"), &t, &[]);
     let (_seed, addr) = seeder(&src, &t, &tmp.path().join("seed.log"), &[]);
     let dst = tmp.path().join("dst");
-    let mut d = download(&t, &dst, &tmp.path().join("dl.log"), &["--peer", &addr.to_string()]);
+    let mut d = download(
+        &t,
+        &dst,
+        &tmp.path().join("dl.log"),
+        &["--peer", &addr.to_string()],
+    );
     let status = d.wait_exit(Duration::from_secs(120));
     assert!(status.success(), "download failed: {}", d.stderr());
     assert_same_tree(&src.join("big.bin"), &dst.join("big.bin"));
@@ -48,9 +58,19 @@ fn multi_file_download_is_byte_identical() {
     write_file(&root.join("sub/b.txt"), 262_144, 6);
     let t = tmp.path().join("set.torrent");
     create_torrent(&root, &t, &[]);
-    let (_seed, addr) = seeder(&tmp.path().join("src"), &t, &tmp.path().join("seed.log"), &[]);
+    let (_seed, addr) = seeder(
+        &tmp.path().join("src"),
+        &t,
+        &tmp.path().join("seed.log"),
+        &[],
+    );
     let dst = tmp.path().join("dst");
-    let mut d = download(&t, &dst, &tmp.path().join("dl.log"), &["--peer", &addr.to_string()]);
+    let mut d = download(
+        &t,
+        &dst,
+        &tmp.path().join("dl.log"),
+        &["--peer", &addr.to_string()],
+    );
     let status = d.wait_exit(Duration::from_secs(120));
     assert!(status.success(), "download failed: {}", d.stderr());
     assert_same_tree(&root, &dst.join("set"));

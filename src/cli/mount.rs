@@ -71,7 +71,10 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
     }
     let abs = std::fs::canonicalize(mp)?;
     if let Some(parent) = abs.parent() {
-        if std::fs::metadata(parent).map(|p| p.dev() != meta.dev()).unwrap_or(false) {
+        if std::fs::metadata(parent)
+            .map(|p| p.dev() != meta.dev())
+            .unwrap_or(false)
+        {
             bail!("{} is already a mount point", mp.display());
         }
     }
@@ -138,7 +141,13 @@ fn default_log_file(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     let safe: String = name
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     base.join("swarmfs").join(format!("{safe}.log"))
 }

@@ -45,7 +45,10 @@ fn parse_as_torrent(path: &Path) -> Option<Arc<Metainfo>> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (meta, data_dir) = match parse_as_torrent(&args.target) {
-        Some(meta) => (meta, args.data_dir.clone().unwrap_or_else(|| PathBuf::from("."))),
+        Some(meta) => (
+            meta,
+            args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".")),
+        ),
         None => {
             if args.target.extension().is_some_and(|e| e == "torrent") && args.target.is_file() {
                 // Looks like a torrent but does not parse: say why rather than seeding the file.
@@ -99,7 +102,12 @@ fn make_torrent(args: &Args) -> anyhow::Result<(Arc<Metainfo>, PathBuf)> {
     let piece_length = crate::create::check_piece_length(args.piece_length)?;
     let opts = crate::create::CreateOptions {
         piece_length,
-        trackers: args.swarm.trackers.iter().map(|t| vec![t.clone()]).collect(),
+        trackers: args
+            .swarm
+            .trackers
+            .iter()
+            .map(|t| vec![t.clone()])
+            .collect(),
         ..Default::default()
     };
     let bytes = crate::create::create_torrent(&abs, &opts, &|_| {})?;

@@ -39,7 +39,9 @@ pub struct BlockRef {
 pub enum LayoutError {
     #[error("piece length is 0")]
     ZeroPieceLength,
-    #[error("total length {total} needs {needed} pieces of {piece_length} bytes, metainfo has {count}")]
+    #[error(
+        "total length {total} needs {needed} pieces of {piece_length} bytes, metainfo has {count}"
+    )]
     PieceCountMismatch {
         total: u64,
         piece_length: u32,
@@ -60,7 +62,11 @@ pub struct Lengths {
 
 impl Lengths {
     /// `piece_count` is what the metainfo claims; it must match the total length.
-    pub fn new(total_length: u64, piece_length: u32, piece_count: u64) -> Result<Self, LayoutError> {
+    pub fn new(
+        total_length: u64,
+        piece_length: u32,
+        piece_count: u64,
+    ) -> Result<Self, LayoutError> {
         if piece_length == 0 {
             return Err(LayoutError::ZeroPieceLength);
         }
@@ -88,7 +94,11 @@ impl Lengths {
         if piece_length == 0 {
             return Err(LayoutError::ZeroPieceLength);
         }
-        Self::new(total_length, piece_length, total_length.div_ceil(piece_length as u64))
+        Self::new(
+            total_length,
+            piece_length,
+            total_length.div_ceil(piece_length as u64),
+        )
     }
 
     pub fn total_length(&self) -> u64 {
@@ -155,9 +165,7 @@ impl Lengths {
     /// Whether a peer's request for `length` bytes at `offset` of `piece` lies inside the piece.
     pub fn request_in_bounds(&self, piece: u32, offset: u32, length: u32) -> bool {
         match self.piece(piece) {
-            Some(p) => {
-                length > 0 && (offset as u64 + length as u64) <= self.piece_len(p) as u64
-            }
+            Some(p) => length > 0 && (offset as u64 + length as u64) <= self.piece_len(p) as u64,
             None => false,
         }
     }

@@ -10,7 +10,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("'{text}' is not a size (examples: 4096, 256KiB, 64M, 1GiB)"));
+        return Err(format!(
+            "'{text}' is not a size (examples: 4096, 256KiB, 64M, 1GiB)"
+        ));
     }
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,

@@ -108,9 +108,7 @@ async fn write_loop(
             if let Outgoing::Block { data, .. } = &item {
                 let n = data.len();
                 queued.fetch_sub(n, Ordering::Relaxed);
-                t.counters
-                    .uploaded
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                t.counters.uploaded.fetch_add(n as u64, Ordering::Relaxed);
                 if let Some(p) = t.lock().peers.get_mut(&key) {
                     p.uploaded += n as u64;
                 }
@@ -343,16 +341,20 @@ impl Conn {
             Message::Interested => self.t.on_peer_interested(self.key, true),
             Message::NotInterested => self.t.on_peer_interested(self.key, false),
             Message::Request(r) => self.on_request(r)?,
-            Message::Piece { piece, offset, data } => {
+            Message::Piece {
+                piece,
+                offset,
+                data,
+            } => {
                 let block = self
                     .t
                     .lengths
                     .block(piece, offset, data.len() as u32)
                     .ok_or_else(|| self.violation("piece message outside our block geometry"))?;
                 if !self.requested.remove(&block) {
-                    return Err(self.violation(format!(
-                        "piece {piece}@{offset} that we did not request"
-                    )));
+                    return Err(
+                        self.violation(format!("piece {piece}@{offset} that we did not request"))
+                    );
                 }
                 if let Some(l) = &self.t.download_limit {
                     l.acquire(data.len()).await;
@@ -424,7 +426,11 @@ impl Conn {
         if r.length > MAX_REQUEST_LEN {
             return Err(self.violation(format!("request of {} bytes", r.length)));
         }
-        if !self.t.lengths.request_in_bounds(r.piece, r.offset, r.length) {
+        if !self
+            .t
+            .lengths
+            .request_in_bounds(r.piece, r.offset, r.length)
+        {
             return Err(self.violation("request outside the torrent"));
         }
         let choking = self

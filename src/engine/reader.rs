@@ -69,7 +69,10 @@ impl Torrent {
             if end <= s.next_offset {
                 continue;
             }
-            for i in self.lengths.pieces_for_range(s.next_offset, end - s.next_offset) {
+            for i in self
+                .lengths
+                .pieces_for_range(s.next_offset, end - s.next_offset)
+            {
                 if let Some(p) = self.lengths.piece(i) {
                     if !st.picker.has(p) && !pieces.contains(&p) {
                         pieces.push(p);
@@ -100,8 +103,14 @@ impl Torrent {
             if let Some(id) = stream {
                 let max = self.max_window();
                 if let Some(s) = st.streams.get_mut(&id) {
-                    if offset == s.next_offset || (offset > s.next_offset && offset - s.next_offset < (1 << 20)) {
-                        s.window = if s.window == 0 { INITIAL_WINDOW.min(max) } else { (s.window * 2).min(max) };
+                    if offset == s.next_offset
+                        || (offset > s.next_offset && offset - s.next_offset < (1 << 20))
+                    {
+                        s.window = if s.window == 0 {
+                            INITIAL_WINDOW.min(max)
+                        } else {
+                            (s.window * 2).min(max)
+                        };
                     } else {
                         // A seek: start over small.
                         s.window = 0;

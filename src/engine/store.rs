@@ -119,9 +119,13 @@ impl Store {
         let mut handles = lock(&self.handles);
         if handles[i].is_none() {
             let path = self.path_of(&self.files[i]);
-            handles[i] = Some(OpenOptions::new().read(true).write(true).open(&path).or_else(
-                |_| OpenOptions::new().read(true).open(&path),
-            )?);
+            handles[i] = Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .or_else(|_| OpenOptions::new().read(true).open(&path))?,
+            );
         }
         match &handles[i] {
             Some(f) => op(f),
@@ -179,10 +183,15 @@ impl Store {
             return false;
         };
         let mut buf = vec![0u8; self.lengths.piece_len(p) as usize];
-        if self.read_at(self.lengths.piece_offset(p), &mut buf).is_err() {
+        if self
+            .read_at(self.lengths.piece_offset(p), &mut buf)
+            .is_err()
+        {
             return false;
         }
-        hashes.get(i as usize).is_some_and(|h| Sha1::digest(&buf)[..] == h[..])
+        hashes
+            .get(i as usize)
+            .is_some_and(|h| Sha1::digest(&buf)[..] == h[..])
     }
 }
 
@@ -207,14 +216,34 @@ mod tests {
 
     #[test]
     fn slices_cross_file_boundaries_and_skip_empty_files() {
-        let files = vec![entry(10, 0, false), entry(0, 10, false), entry(5, 10, true), entry(20, 15, false)];
+        let files = vec![
+            entry(10, 0, false),
+            entry(0, 10, false),
+            entry(5, 10, true),
+            entry(20, 15, false),
+        ];
         let s = file_slices(&files, 8, 10);
         assert_eq!(
             s,
             vec![
-                FileSlice { file_index: 0, file_offset: 8, buf_offset: 0, len: 2 },
-                FileSlice { file_index: 2, file_offset: 0, buf_offset: 2, len: 5 },
-                FileSlice { file_index: 3, file_offset: 0, buf_offset: 7, len: 3 },
+                FileSlice {
+                    file_index: 0,
+                    file_offset: 8,
+                    buf_offset: 0,
+                    len: 2
+                },
+                FileSlice {
+                    file_index: 2,
+                    file_offset: 0,
+                    buf_offset: 2,
+                    len: 5
+                },
+                FileSlice {
+                    file_index: 3,
+                    file_offset: 0,
+                    buf_offset: 7,
+                    len: 3
+                },
             ]
         );
         assert!(file_slices(&files, 35, 4).is_empty());

@@ -204,7 +204,10 @@ impl Torrent {
             Some(s) => {
                 let have = s.verify(&meta.info.piece_hashes, progress);
                 s.create_files().map_err(|e| {
-                    anyhow::anyhow!("cannot create files under {}: {e}", s.content_path().display())
+                    anyhow::anyhow!(
+                        "cannot create files under {}: {e}",
+                        s.content_path().display()
+                    )
                 })?;
                 have
             }
@@ -314,7 +317,10 @@ impl Torrent {
             let _ = peers_tx.send(*p);
         }
         let t = self.clone();
-        spawn_named("torrent-ticker", async move { t.run_ticker(peers_rx).await });
+        spawn_named(
+            "torrent-ticker",
+            async move { t.run_ticker(peers_rx).await },
+        );
         if self.is_complete() {
             self.completed_announced.store(true, Ordering::Relaxed);
         }
@@ -330,7 +336,11 @@ impl Torrent {
                 let _ = p.tx.send(PeerCommand::Disconnect);
             }
         }
-        let announcer = self.announcer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let announcer = self
+            .announcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(a) = announcer {
             let _ = tokio::time::timeout(Duration::from_secs(3), a.stop()).await;
         }

@@ -106,9 +106,7 @@ impl TorrentFs {
         };
         match name {
             XATTR_INFOHASH => Ok(self.torrent.info_hash.to_hex().into_bytes()),
-            XATTR_PROGRESS => {
-                Ok(format!("{:.4}", self.torrent.progress_of(pieces)).into_bytes())
-            }
+            XATTR_PROGRESS => Ok(format!("{:.4}", self.torrent.progress_of(pieces)).into_bytes()),
             XATTR_PIECES if pieces.is_empty() => Ok(b"none".to_vec()),
             XATTR_PIECES => Ok(format!("{}-{}", pieces.start, pieces.end - 1).into_bytes()),
             _ => Err(Errno::NO_XATTR),

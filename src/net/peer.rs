@@ -72,7 +72,10 @@ pub struct IncomingPeer {
 }
 
 impl IncomingPeer {
-    pub async fn answer(mut self, ours: &Handshake) -> Result<(PeerReader, PeerWriter), PeerIoError> {
+    pub async fn answer(
+        mut self,
+        ours: &Handshake,
+    ) -> Result<(PeerReader, PeerWriter), PeerIoError> {
         self.wr.write_all(&ours.encode()).await?;
         Ok((PeerReader::new(self.rd), PeerWriter::new(self.wr)))
     }
@@ -139,7 +142,11 @@ impl PeerReader {
 #[derive(Debug)]
 pub enum Outgoing {
     Message(Message),
-    Block { piece: u32, offset: u32, data: Bytes },
+    Block {
+        piece: u32,
+        offset: u32,
+        data: Bytes,
+    },
 }
 
 pub struct PeerWriter {

@@ -36,9 +36,9 @@ pub fn write_file(path: &Path, len: usize, seed: u64) {
 
 /// Fails with the command line and output when a tool fails.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (scripts/test.sh installs the tools tests need)"));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (scripts/test.sh installs the tools tests need)")
+    });
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -50,7 +50,14 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// `swarmfs create PATH -o OUT [extra]`.
 pub fn create_torrent(path: &Path, out: &Path, extra: &[&str]) {
-    run_ok(Command::new(bin()).arg("create").arg(path).arg("-o").arg(out).args(extra));
+    run_ok(
+        Command::new(bin())
+            .arg("create")
+            .arg(path)
+            .arg("-o")
+            .arg(out)
+            .args(extra),
+    );
 }
 
 /// A child process killed on drop.
@@ -116,7 +123,10 @@ impl Proc {
     /// The address from a "listening on ADDR" line.
     pub fn listen_addr(&mut self) -> SocketAddr {
         let line = self.wait_line("listening on ", Duration::from_secs(60));
-        line.trim_start_matches("listening on ").trim().parse().unwrap()
+        line.trim_start_matches("listening on ")
+            .trim()
+            .parse()
+            .unwrap()
     }
 
     /// Waits for exit within `within`; kills and fails the test past it.
@@ -128,7 +138,11 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("{} did not exit within {within:?}; stderr:\n{}", self.name, self.stderr());
+                panic!(
+                    "{} did not exit within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -183,7 +197,13 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     let mut fb = files_under(b);
     fa.sort();
     fb.sort();
-    assert_eq!(fa, fb, "file lists differ between {} and {}", a.display(), b.display());
+    assert_eq!(
+        fa,
+        fb,
+        "file lists differ between {} and {}",
+        a.display(),
+        b.display()
+    );
     let under = |root: &Path, rel: &Path| {
         if rel.as_os_str().is_empty() {
             root.to_path_buf()
@@ -194,7 +214,13 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     for rel in fa {
         let x = std::fs::read(under(a, &rel)).unwrap();
         let y = std::fs::read(under(b, &rel)).unwrap();
-        assert!(x == y, "{} differs ({} vs {} bytes)", rel.display(), x.len(), y.len());
+        assert!(
+            x == y,
+            "{} differs ({} vs {} bytes)",
+            rel.display(),
+            x.len(),
+            y.len()
+        );
     }
 }
 
@@ -218,7 +244,8 @@ pub fn files_under(root: &Path) -> Vec<PathBuf> {
 }
 
 pub fn sha256_file(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let mut buf = Vec::new();
     f.read_to_end(&mut buf).unwrap();
     sha256(&buf)
@@ -234,12 +261,20 @@ pub fn sha256(bytes: &[u8]) -> String {
         .unwrap();
     c.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = c.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// A free TCP port on 127.0.0.1 (for tools that cannot report the port they got).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Debian's python3 (the one python3-libtorrent is built for).
@@ -306,7 +341,10 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if is_mountpoint(&self.dir) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.dir)
+                .status();
         }
     }
 }
@@ -335,7 +373,11 @@ pub fn is_mountpoint(dir: &Path) -> bool {
 }
 
 /// Runs `f` on a thread and fails the test if it takes longer than `within` (a watchdog).
-pub fn with_watchdog<T: Send + 'static>(within: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn with_watchdog<T: Send + 'static>(
+    within: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
