@@ -69,6 +69,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             secs,
             format_size((got as f64 / secs.max(0.001)) as u64)
         );
+        // Where the bytes came from: tests and curious users read these lines.
+        for (id, addr, bytes) in t.received_by_peer() {
+            println!(
+                "received {bytes} bytes from peer {} at {addr}",
+                hex::encode(id)
+            );
+        }
         session.shutdown().await;
         Ok(())
     })

@@ -73,10 +73,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let t = session.add_torrent(meta.clone(), cfg, progress).await?;
         let s = t.snapshot();
         println!(
-            "seeding {} ({}), info-hash {}, {}/{} pieces verified",
+            "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",
             t.name(),
             format_size(meta.info.lengths.total_length()),
             t.info_hash,
+            hex::encode(t.peer_id),
             s.pieces_have,
             s.pieces_total
         );

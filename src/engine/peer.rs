@@ -96,6 +96,7 @@ async fn write_loop(
 ) {
     while let Some(item) = rx.recv().await {
         let mut next = Some(item);
+        let mut uploaded = 0u64;
         while let Some(item) = next.take() {
             if let Outgoing::Block { data, .. } = &item {
                 if let Some(l) = &t.upload_limit {
@@ -106,17 +107,20 @@ async fn write_loop(
                 return;
             }
             if let Outgoing::Block { data, .. } = &item {
-                let n = data.len();
-                queued.fetch_sub(n, Ordering::Relaxed);
-                t.counters.uploaded.fetch_add(n as u64, Ordering::Relaxed);
-                if let Some(p) = t.lock().peers.get_mut(&key) {
-                    p.uploaded += n as u64;
-                }
+                queued.fetch_sub(data.len(), Ordering::Relaxed);
+                uploaded += data.len() as u64;
             }
             next = rx.try_recv().ok();
         }
         if writer.flush().await.is_err() {
             return;
+        }
+        // Counted once per batch: the torrent's lock is not taken per block.
+        if uploaded > 0 {
+            t.counters.uploaded.fetch_add(uploaded, Ordering::Relaxed);
+            if let Some(p) = t.lock().peers.get_mut(&key) {
+                p.uploaded += uploaded;
+            }
         }
     }
     writer.shutdown().await;
@@ -151,7 +155,6 @@ impl Conn {
         mut reader: PeerReader,
         mut cmd_rx: mpsc::UnboundedReceiver<PeerCommand>,
     ) -> Result<(), PeerError> {
-        let mut shutdown = self.t.shutdown_signal();
         // Tell the peer what we have.
         let have = self.t.lock().picker.have().clone();
         if self.fast && have.all() {
@@ -176,21 +179,39 @@ impl Conn {
             });
         }
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut last_received = Instant::now();
+        // One select per read or command batch, not per message: at full speed a read carries
+        // dozens of blocks, and re-arming every branch per block would cost more than the data.
+        // Shutdown arrives as a Disconnect command.
         loop {
+            while let Some(msg) = reader.try_next()? {
+                self.on_message(msg).await?;
+            }
             tokio::select! {
-                biased;
-                _ = shutdown.changed() => return Ok(()),
                 cmd = cmd_rx.recv() => {
-                    match cmd {
-                        None | Some(PeerCommand::Disconnect) => return Err(PeerError::Dropped),
-                        Some(c) => self.on_command(c),
+                    let mut cmd = cmd;
+                    loop {
+                        match cmd {
+                            None | Some(PeerCommand::Disconnect) => return Err(PeerError::Dropped),
+                            Some(c) => self.on_command(c),
+                        }
+                        match cmd_rx.try_recv() {
+                            Ok(c) => cmd = Some(c),
+                            Err(_) => break,
+                        }
                     }
                 }
-                msg = reader.next(IDLE_TIMEOUT) => {
-                    let msg = msg?;
-                    self.on_message(msg).await?;
+                r = reader.fill() => {
+                    r?;
+                    last_received = Instant::now();
                 }
                 _ = tick.tick() => {
+                    if self.t.is_shutting_down() {
+                        return Ok(());
+                    }
+                    if last_received.elapsed() >= IDLE_TIMEOUT {
+                        return Err(PeerIoError::Idle(IDLE_TIMEOUT).into());
+                    }
                     if self.last_sent.elapsed() >= KEEPALIVE_EVERY {
                         self.send(Message::KeepAlive);
                     }

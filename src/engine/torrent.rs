@@ -134,6 +134,8 @@ pub(crate) struct State {
     /// of a piece is gone.
     pub read_waiters: HashMap<u32, u32>,
     pub store_failed: bool,
+    /// Bytes received from peers that have disconnected, by peer id (with their last address).
+    pub received_from_gone: HashMap<[u8; 20], (SocketAddr, u64)>,
 }
 
 #[derive(Default)]
@@ -233,6 +235,7 @@ impl Torrent {
             next_stream: 1,
             read_waiters: HashMap::new(),
             store_failed: false,
+            received_from_gone: HashMap::new(),
         };
         let (shutdown_tx, _) = watch::channel(false);
         let left = Self::left_of(&lengths, state.picker.have());
@@ -507,6 +510,20 @@ impl Torrent {
         }
     }
 
+    /// Bytes received from each peer (connected or gone) by peer id, with its last address.
+    pub fn received_by_peer(&self) -> Vec<([u8; 20], SocketAddr, u64)> {
+        let st = self.lock();
+        let mut all = st.received_from_gone.clone();
+        for p in st.peers.values() {
+            let e = all.entry(p.peer_id).or_insert((p.addr, 0));
+            e.0 = p.addr;
+            e.1 += p.downloaded;
+        }
+        let mut v: Vec<_> = all.into_iter().map(|(id, (a, n))| (id, a, n)).collect();
+        v.sort();
+        v
+    }
+
     /// Verified fraction of the pieces `[first, last]`.
     pub fn progress_of(&self, pieces: std::ops::Range<u32>) -> f64 {
         if pieces.is_empty() {
@@ -613,7 +630,14 @@ impl Torrent {
 
     pub(crate) fn unregister_peer(&self, key: PeerKey, bitfield: &Bitfield) {
         let mut st = self.lock();
-        st.peers.remove(&key);
+        if let Some(p) = st.peers.remove(&key) {
+            let e = st
+                .received_from_gone
+                .entry(p.peer_id)
+                .or_insert((p.addr, 0));
+            e.0 = p.addr;
+            e.1 += p.downloaded;
+        }
         st.picker.peer_gone(key, bitfield);
         st.choker.peer_gone(key);
         self.wake_peers(&st);

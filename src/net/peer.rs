@@ -99,6 +99,7 @@ pub struct PeerReader {
     rd: OwnedReadHalf,
     buf: BytesMut,
     max_frame: u32,
+    need: usize,
 }
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -109,6 +110,7 @@ impl PeerReader {
             rd,
             buf: BytesMut::with_capacity(READ_CHUNK),
             max_frame: wire::DEFAULT_MAX_FRAME,
+            need: 0,
         }
     }
 
@@ -119,21 +121,36 @@ impl PeerReader {
     /// The next message, or an error; `idle` bounds the wait for any bytes at all.
     pub async fn next(&mut self, idle: Duration) -> Result<Message, PeerIoError> {
         loop {
-            match wire::decode(&mut self.buf, self.max_frame)? {
-                Decode::Message(m) => return Ok(m),
-                Decode::NeedMore(n) => {
-                    // Reserve a large chunk so a stream of 16 KiB blocks costs few syscalls; the
-                    // decoder already refused any frame over the cap, so `n` is bounded.
-                    self.buf.reserve(n.max(READ_CHUNK));
-                    let read = tokio::time::timeout(idle, self.rd.read_buf(&mut self.buf))
-                        .await
-                        .map_err(|_| PeerIoError::Idle(idle))??;
-                    if read == 0 {
-                        return Err(PeerIoError::Closed);
-                    }
-                }
+            if let Some(m) = self.try_next()? {
+                return Ok(m);
+            }
+            tokio::time::timeout(idle, self.fill())
+                .await
+                .map_err(|_| PeerIoError::Idle(idle))??;
+        }
+    }
+
+    /// A message already buffered, if a whole one is there.
+    pub fn try_next(&mut self) -> Result<Option<Message>, PeerIoError> {
+        match wire::decode(&mut self.buf, self.max_frame)? {
+            Decode::Message(m) => Ok(Some(m)),
+            Decode::NeedMore(n) => {
+                self.need = n;
+                Ok(None)
             }
         }
+    }
+
+    /// Reads more bytes (one read). Cancel-safe: nothing is lost if the future is dropped.
+    pub async fn fill(&mut self) -> Result<(), PeerIoError> {
+        // Reserve a large chunk so a stream of 16 KiB blocks costs few syscalls; the decoder
+        // already refused any frame over the cap, so `need` is bounded.
+        self.buf.reserve(self.need.max(READ_CHUNK));
+        let read = self.rd.read_buf(&mut self.buf).await?;
+        if read == 0 {
+            return Err(PeerIoError::Closed);
+        }
+        Ok(())
     }
 }
 
