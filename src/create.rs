@@ -1,13 +1,16 @@
 //! Making a .torrent from files on disk: walk the tree, hash the pieces, hand the result to the
 //! pure builder ([`crate::core::metainfo::build_torrent`]).
 //!
-//! Hashing: one reader thread fills large buffers (several pieces each) with the torrent's byte
-//! stream, file after file, while the rayon pool hashes the pieces of the previous buffer in
-//! parallel, so reading and every core's SHA-1 overlap. At most [`BUFFERS`] buffers exist.
+//! Hashing: the stream is cut into runs of [`RUN_BYTES`]; one job per core (on the rayon pool)
+//! takes the next run in order until none is left, so the cores read near each other and the
+//! kernel's readahead works, and no core waits for another. A worker reads one whole piece with
+//! `pread` into its own aligned buffer and hashes it at once, while the bytes are still in the
+//! CPU cache. Memory: one piece buffer per core.
 
 use std::fs::File;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use anyhow::{bail, Context};
@@ -20,10 +23,9 @@ pub const DEFAULT_PIECE_LENGTH: u32 = 256 * 1024;
 pub const MIN_PIECE_LENGTH: u64 = 16 * 1024;
 pub const MAX_PIECE_LENGTH: u64 = 64 * 1024 * 1024;
 
-/// Bytes read per buffer (rounded to whole pieces, at least one piece).
-const BUFFER_BYTES: usize = 16 * 1024 * 1024;
-/// Buffers in flight: one being filled, one queued, one being hashed.
-const BUFFERS: usize = 3;
+/// Bytes a worker takes at a time (rounded to whole pieces, at least one); also the grain of
+/// progress reports.
+const RUN_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
@@ -172,106 +174,153 @@ fn walk(dir: &Path, prefix: &mut Vec<String>, out: &mut Vec<SourceFile>) -> anyh
     Ok(())
 }
 
-/// Hashes the pieces of `files` laid end to end. `progress` is called (on the calling thread)
-/// with the number of bytes hashed so far.
+/// Hashes the pieces of `files` laid end to end. `progress` is called on the calling thread
+/// with the number of bytes hashed so far (increasing).
 pub fn hash_pieces(
     files: &[SourceFile],
     piece_length: u32,
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<Vec<[u8; 20]>> {
-    let piece_bytes = piece_length as usize;
-    anyhow::ensure!(piece_bytes > 0, "piece length is 0");
-    let buffer_bytes = (BUFFER_BYTES / piece_bytes).max(1) * piece_bytes;
-    let (full_tx, full_rx) = mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(1);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        // Allocated lazily by the reader (resize), so small torrents stay small.
-        let _ = empty_tx.send(Vec::new());
+    anyhow::ensure!(piece_length > 0, "piece length is 0");
+    let piece_length = piece_length as u64;
+    let mut starts = Vec::with_capacity(files.len());
+    let mut total = 0u64;
+    for f in files {
+        starts.push(total);
+        total = total
+            .checked_add(f.length)
+            .context("total size overflows")?;
     }
-    std::thread::scope(|scope| {
-        scope.spawn(move || read_stream(files, buffer_bytes, empty_rx, full_tx));
-        // Owns the receiving end and the recycling sender, so an early error drops them and
-        // the reader stops instead of blocking the scope.
-        consume(full_rx, empty_tx, piece_bytes, progress)
-    })
-}
+    let piece_count = total.div_ceil(piece_length);
+    let run_pieces = (RUN_BYTES / piece_length).max(1);
+    let runs = piece_count.div_ceil(run_pieces);
+    let workers = (rayon::current_num_threads() as u64).clamp(1, runs.max(1)) as usize;
+    let next_run = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let (bytes_tx, bytes_rx) = mpsc::channel::<u64>();
+    let starts = &starts;
 
-fn consume(
-    full_rx: mpsc::Receiver<anyhow::Result<Vec<u8>>>,
-    empty_tx: mpsc::Sender<Vec<u8>>,
-    piece_bytes: usize,
-    progress: &dyn Fn(u64),
-) -> anyhow::Result<Vec<[u8; 20]>> {
-    let mut hashes = Vec::new();
-    let mut done = 0u64;
-    for buffer in full_rx {
-        let buffer = buffer?;
-        let batch: Vec<[u8; 20]> = buffer
-            .par_chunks(piece_bytes)
-            .map(|piece| Sha1::digest(piece).into())
-            .collect();
-        hashes.extend(batch);
-        done += buffer.len() as u64;
-        progress(done);
-        let _ = empty_tx.send(buffer);
-    }
-    Ok(hashes)
-}
-
-/// Reader thread: sends full buffers (the last one may be short) and stops on the first error
-/// or when the consumer goes away.
-fn read_stream(
-    files: &[SourceFile],
-    buffer_bytes: usize,
-    empty_rx: mpsc::Receiver<Vec<u8>>,
-    full_tx: mpsc::SyncSender<anyhow::Result<Vec<u8>>>,
-) {
-    let next_buffer = || -> Option<Vec<u8>> {
-        let mut b = empty_rx.recv().ok()?;
-        b.resize(buffer_bytes, 0);
-        Some(b)
-    };
-    let Some(mut buffer) = next_buffer() else {
-        return;
-    };
-    let mut filled = 0usize;
-    for file in files {
-        let result = (|| -> anyhow::Result<()> {
-            let mut handle = File::open(&file.disk_path)
-                .with_context(|| format!("cannot open {}", file.disk_path.display()))?;
-            let mut left = file.length;
-            while left > 0 {
-                let want = (buffer_bytes - filled).min(usize::try_from(left).unwrap_or(usize::MAX));
-                let n = handle
-                    .read(&mut buffer[filled..filled + want])
-                    .with_context(|| format!("cannot read {}", file.disk_path.display()))?;
-                if n == 0 {
-                    bail!(
-                        "{} shrank while it was being hashed",
-                        file.disk_path.display()
-                    );
-                }
-                filled += n;
-                left -= n as u64;
-                if filled == buffer_bytes {
-                    let full = std::mem::take(&mut buffer);
-                    if full_tx.send(Ok(full)).is_err() {
-                        bail!("stopped");
+    // One job per core; each takes the next run of pieces until none is left. The calling
+    // thread only reports progress, so `progress` needs not be `Sync`.
+    let worker = |bytes_tx: &mpsc::Sender<u64>| -> anyhow::Result<Vec<(u64, Vec<[u8; 20]>)>> {
+        let mut reader = PieceReader::new(files, starts, piece_length);
+        let mut done = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let run = next_run.fetch_add(1, Ordering::Relaxed);
+            if run >= runs {
+                break;
+            }
+            let first = run * run_pieces;
+            let end = (first + run_pieces).min(piece_count);
+            let mut hashes = Vec::with_capacity((end - first) as usize);
+            for piece in first..end {
+                let start = piece * piece_length;
+                let len = (total - start).min(piece_length) as usize;
+                match reader.read(start, len) {
+                    Ok(bytes) => hashes.push(Sha1::digest(bytes).into()),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
                     }
-                    buffer = next_buffer().context("stopped")?;
-                    filled = 0;
                 }
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            let _ = full_tx.send(Err(e));
-            return;
+            let _ = bytes_tx.send((end * piece_length).min(total) - first * piece_length);
+            done.push((run, hashes));
+        }
+        Ok(done)
+    };
+    let mut runs_done = std::thread::scope(|scope| {
+        let pool = scope.spawn(move || {
+            let result: anyhow::Result<Vec<_>> = (0..workers)
+                .into_par_iter()
+                .map(|_| worker(&bytes_tx))
+                .collect();
+            // `bytes_tx` drops here, which ends the progress loop below.
+            drop(bytes_tx);
+            result
+        });
+        let mut hashed = 0u64;
+        for n in bytes_rx {
+            hashed += n;
+            progress(hashed);
+        }
+        pool.join()
+            .map_err(|_| anyhow::anyhow!("a hashing thread panicked"))?
+            .map(|per_worker| per_worker.into_iter().flatten().collect::<Vec<_>>())
+    })?;
+    runs_done.sort_unstable_by_key(|(run, _)| *run);
+    Ok(runs_done.into_iter().flat_map(|(_, h)| h).collect())
+}
+
+/// Alignment of read buffers. The kernel copies page-cache data into a buffer that is not
+/// cache-line aligned about four times slower (measured: 0.53 s against 0.12 s of system time
+/// per GiB with a 16-byte offset, which is what a plain 256 KiB `Vec` gets from malloc).
+const READ_ALIGN: usize = 4096;
+
+/// One worker's buffer and open file: reads any byte range of the stream with `pread`.
+struct PieceReader<'a> {
+    files: &'a [SourceFile],
+    starts: &'a [u64],
+    /// `piece_length` usable bytes starting at `align`, which is `READ_ALIGN`-aligned.
+    buffer: Vec<u8>,
+    align: usize,
+    open: Option<(usize, File)>,
+}
+
+impl<'a> PieceReader<'a> {
+    fn new(files: &'a [SourceFile], starts: &'a [u64], piece_length: u64) -> Self {
+        let buffer = vec![0; piece_length as usize + READ_ALIGN];
+        let align = buffer.as_ptr().align_offset(READ_ALIGN).min(READ_ALIGN);
+        PieceReader {
+            files,
+            starts,
+            buffer,
+            align,
+            open: None,
         }
     }
-    if filled > 0 {
-        buffer.truncate(filled);
-        let _ = full_tx.send(Ok(buffer));
+
+    /// The `len` bytes of the stream at `offset` (within one piece).
+    fn read(&mut self, offset: u64, len: usize) -> anyhow::Result<&[u8]> {
+        // The file holding `offset`: the last one starting at or before it (skipping empty ones,
+        // which share their start with the next file).
+        let mut index = self
+            .starts
+            .partition_point(|&s| s <= offset)
+            .saturating_sub(1);
+        let mut filled = 0usize;
+        while filled < len {
+            let file = self
+                .files
+                .get(index)
+                .context("read past the end of the last file")?;
+            let in_file = offset + filled as u64 - self.starts[index];
+            if in_file >= file.length {
+                index += 1;
+                continue;
+            }
+            if self.open.as_ref().is_none_or(|(i, _)| *i != index) {
+                let handle = File::open(&file.disk_path)
+                    .with_context(|| format!("cannot open {}", file.disk_path.display()))?;
+                self.open = Some((index, handle));
+            }
+            let Some((_, handle)) = &self.open else {
+                unreachable!("opened above")
+            };
+            let want = (len - filled).min((file.length - in_file) as usize);
+            let at = self.align + filled;
+            let n = handle
+                .read_at(&mut self.buffer[at..at + want], in_file)
+                .with_context(|| format!("cannot read {}", file.disk_path.display()))?;
+            if n == 0 {
+                bail!(
+                    "{} shrank while it was being hashed",
+                    file.disk_path.display()
+                );
+            }
+            filled += n;
+        }
+        Ok(&self.buffer[self.align..self.align + len])
     }
 }
 
@@ -341,7 +390,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("data");
         // Sizes chosen to cross piece and buffer boundaries inside files.
-        let a = pattern(BUFFER_BYTES + 12_345, 1);
+        let a = pattern(3 * RUN_BYTES as usize + 12_345, 1);
         let b = pattern(0, 2);
         let c = pattern(70_001, 3);
         write(&root.join("z/c.bin"), &c);
