@@ -419,3 +419,22 @@ fn bad_input_gives_one_clear_line_and_no_mount() {
         );
     }
 }
+
+#[test]
+fn a_dead_mountpoint_gets_a_message_naming_fusermount() {
+    let (tmp, t) = unseeded();
+    let mnt = tmp.path().join("mnt");
+    let mut m = Mount::start(&t, &mnt, &tmp.path().join("mount.log"), &[]);
+    // A crash: the process dies without unmounting.
+    m.proc.signal(libc::SIGKILL);
+    m.proc.wait_exit(Duration::from_secs(10));
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(&t)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("fusermount -u"), "{err}");
+}

@@ -24,7 +24,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let meta = common::load_torrent(&args.torrent)?;
     let mut cfg = TorrentConfig {
         data_dir: Some(args.data_dir.clone()),
-        cache_size: 64 << 20,
+        // Verified pieces go to disk; the cache only serves uploads to other leechers.
+        cache_size: 16 << 20,
         fetch_all: true,
         ..TorrentConfig::default()
     };

@@ -355,13 +355,18 @@ impl Torrent {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last = Instant::now();
         let mut retry_explicit = Instant::now();
+        // Without trackers every sender is gone at once; a closed channel must not spin.
+        let mut discovery_open = true;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                addr = peers_rx.recv() => {
-                    if let Some(addr) = addr {
-                        self.add_candidate(addr);
-                        self.connect_more();
+                addr = peers_rx.recv(), if discovery_open => {
+                    match addr {
+                        Some(addr) => {
+                            self.add_candidate(addr);
+                            self.connect_more();
+                        }
+                        None => discovery_open = false,
                     }
                     continue;
                 }
