@@ -257,6 +257,14 @@ impl Bitfield {
         self.count_ones() == self.len
     }
 
+    /// Whether this set holds a piece `other` lacks (a peer has something we want).
+    pub fn has_any_not_in(&self, other: &Bitfield) -> bool {
+        self.bytes
+            .iter()
+            .zip(other.bytes.iter().chain(std::iter::repeat(&0)))
+            .any(|(a, b)| a & !b != 0)
+    }
+
     pub fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.len).filter(move |&i| self.get(i))
     }
@@ -319,5 +327,8 @@ mod tests {
         assert_eq!(b.as_bytes(), &[0, 0x40]);
         assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![9]);
         assert!(Bitfield::full(10).all());
+        assert!(Bitfield::full(10).has_any_not_in(&b));
+        assert!(!b.has_any_not_in(&Bitfield::full(10)));
+        assert!(!b.has_any_not_in(&b));
     }
 }

@@ -226,7 +226,7 @@ impl Conn {
             PeerCommand::Have(p) => {
                 self.send(Message::Have(p));
                 // We may have lost interest.
-                if self.am_interested && !self.t.lock().picker.wants_any(&self.bitfield) {
+                if self.am_interested && !self.peer_has_something_we_lack() {
                     self.am_interested = false;
                     self.send(Message::NotInterested);
                 }
@@ -250,8 +250,14 @@ impl Conn {
         }
     }
 
+    /// Interest follows what the peer has, not what we fetch right now: a mount whose cache is
+    /// full stays interested so its next read does not wait for an unchoke round trip.
+    fn peer_has_something_we_lack(&self) -> bool {
+        self.bitfield.has_any_not_in(self.t.lock().picker.have())
+    }
+
     fn update_interest(&mut self) {
-        let wants = self.t.lock().picker.wants_any(&self.bitfield);
+        let wants = self.peer_has_something_we_lack();
         if wants != self.am_interested {
             self.am_interested = wants;
             self.send(if wants {
