@@ -385,3 +385,89 @@ pub fn with_watchdog<T: Send + 'static>(
     rx.recv_timeout(within)
         .unwrap_or_else(|_| panic!("watchdog: {what} did not finish within {within:?}"))
 }
+
+impl Proc {
+    /// Every stdout line not yet read, up to end of file (the process has exited or closed
+    /// stdout); fails past `within` (a watchdog).
+    pub fn stdout_to_end(&mut self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout_lines.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{}: stdout still open after {within:?}", self.name)
+                }
+            }
+        }
+    }
+}
+
+/// Like `seeder`, also returning the seeder's peer id (40 hex digits) from its "seeding" line.
+pub fn seeder_with_peer_id(
+    dir: &Path,
+    torrent: &Path,
+    logs: &Path,
+    extra: &[&str],
+) -> (Proc, SocketAddr, String) {
+    let mut p = Proc::spawn(
+        "seeder",
+        Command::new(bin())
+            .arg("seed")
+            .arg(torrent)
+            .arg("-d")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(extra)
+            .env("RUST_LOG", "swarmfs=info"),
+        logs,
+    );
+    let addr = p.listen_addr();
+    let line = p.wait_line("seeding ", Duration::from_secs(120));
+    let peer_id = line
+        .split("peer id ")
+        .nth(1)
+        .and_then(|rest| rest.get(..40))
+        .filter(|id| id.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no peer id in the seeder's line {line:?}"))
+        .to_ascii_lowercase();
+    (p, addr, peer_id)
+}
+
+/// `swarmfs tracker --listen 127.0.0.1:0` and its announce URL.
+pub fn tracker(logs: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut p = Proc::spawn(
+        "tracker",
+        Command::new(bin())
+            .args(["tracker", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "swarmfs=info"),
+        logs,
+    );
+    let line = p.wait_line("tracker listening on ", Duration::from_secs(60));
+    let url = line
+        .trim_start_matches("tracker listening on ")
+        .trim()
+        .to_string();
+    (p, url)
+}
+
+/// Bytes per peer from a download's exit lines "received N bytes from peer <hex id> at ADDR",
+/// as (peer id in lowercase hex, address, bytes).
+pub fn received_by_peer(stdout: &[String]) -> Vec<(String, String, u64)> {
+    stdout
+        .iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("received ")?;
+            let (bytes, rest) = rest.split_once(" bytes from peer ")?;
+            let (id, addr) = rest.split_once(" at ")?;
+            Some((
+                id.trim().to_ascii_lowercase(),
+                addr.trim().to_string(),
+                bytes.parse().ok()?,
+            ))
+        })
+        .collect()
+}
