@@ -824,7 +824,8 @@ impl Torrent {
             let mut ban = None;
             if let Some(p) = st.peers.get_mut(&k) {
                 p.strikes += 1;
-                if p.strikes >= MAX_STRIKES {
+                // Exactly at the limit: pieces still in flight from it may fail again later.
+                if p.strikes == MAX_STRIKES {
                     ban = Some((p.addr, p.peer_id));
                     let _ = p.tx.send(PeerCommand::Disconnect);
                 }
