@@ -414,8 +414,9 @@ impl Picker {
             if self.background {
                 self.pick_new(peer, peer_pieces, max, now, &mut out);
             }
-            // Endgame: nothing unrequested that this peer has is left.
-            if out.len() < max {
+            // Endgame: nothing unrequested is left anywhere (not only at this peer: a leecher
+            // holding a few pieces would otherwise duplicate blocks long before the end).
+            if out.len() < max && self.in_endgame() {
                 let dup = Mode::Duplicate;
                 self.pick_priority(peer, peer_pieces, max, now, dup, dup, &mut out);
                 self.pick_partials(peer, peer_pieces, max, now, dup, &mut out);
@@ -423,6 +424,12 @@ impl Picker {
         }
         self.debug_check();
         out
+    }
+
+    /// Every missing piece is in progress and none has a block nobody has requested.
+    fn in_endgame(&self) -> bool {
+        self.missing as usize <= self.in_progress.len()
+            && self.in_progress.values().all(|ip| ip.missing == 0)
     }
 
     /// Deadline pieces (in `deadline_mode` when due within the urgent window, else `Fresh`), then
@@ -1313,6 +1320,16 @@ mod tests {
         assert_eq!(show(&p.pick(A, &bits("* "), 10, t0)), "0.0 0.1");
         // B has piece 1 untouched: it gets that, then duplicates of 0 to fill up.
         assert_eq!(show(&p.pick(B, &bits("**"), 3, t0)), "1.0 1.1 0.0");
+    }
+
+    #[test]
+    fn no_endgame_for_a_peer_with_few_pieces_while_others_are_unrequested() {
+        let mut p = setup("111", "   ");
+        let t0 = Instant::now();
+        assert_eq!(show(&p.pick(A, &bits("*  "), 10, t0)), "0.0 0.1");
+        // B has only piece 0, already in flight at A; pieces 1 and 2 are still untouched
+        // (at other peers), so B gets no duplicates.
+        assert!(p.pick(B, &bits("*  "), 10, t0).is_empty());
     }
 
     #[test]
