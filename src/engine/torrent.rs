@@ -182,8 +182,12 @@ pub struct Torrent {
     completed_announced: std::sync::atomic::AtomicBool,
 }
 
-/// Strikes (hash failures a peer contributed to) before a peer is banned.
-const MAX_STRIKES: u32 = 3;
+/// Strike points before a peer is banned: a failed piece it sent alone costs 2, one it shared
+/// with other peers 1 (the bad blocks may be someone else's), so three sole failures ban it
+/// and an honest peer caught beside a corrupt one lasts twice as long.
+const MAX_STRIKES: u32 = 6;
+const SOLE_STRIKE: u32 = 2;
+const SHARED_STRIKE: u32 = 1;
 /// Blocks outstanding at one peer longer than this go to other peers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections being opened at once.
@@ -820,18 +824,24 @@ impl Torrent {
             "piece {piece} failed its hash check (from {} peer(s)); fetching it again",
             contributors.len()
         );
+        let points = if contributors.len() == 1 {
+            SOLE_STRIKE
+        } else {
+            SHARED_STRIKE
+        };
         for k in contributors {
             let mut ban = None;
             if let Some(p) = st.peers.get_mut(&k) {
-                p.strikes += 1;
-                // Exactly at the limit: pieces still in flight from it may fail again later.
-                if p.strikes == MAX_STRIKES {
+                let before = p.strikes;
+                p.strikes += points;
+                // Only when crossing the limit: pieces still in flight may fail again later.
+                if before < MAX_STRIKES && p.strikes >= MAX_STRIKES {
                     ban = Some((p.addr, p.peer_id));
                     let _ = p.tx.send(PeerCommand::Disconnect);
                 }
             }
             if let Some((addr, id)) = ban {
-                log::warn!("banning peer {addr}: sent corrupt data for {MAX_STRIKES} pieces");
+                log::warn!("banning peer {addr}: it sent corrupt data for several pieces");
                 st.banned_addrs.insert(addr);
                 st.banned_ids.insert(id);
             }
