@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", default_value = "256KiB", value_parser = size_arg)]
     pub piece_length: u64,
     /// Memory for cached pieces being uploaded.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = size_arg)]
     pub cache_size: u64,
     #[command(flatten)]
     pub swarm: SwarmArgs,

@@ -20,7 +20,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(90);
 /// Requests kept in flight to one peer: grows with its rate.
 const MIN_QUEUE: usize = 64;
-const MAX_QUEUE: usize = 1024;
+const MAX_QUEUE: usize = 512;
 /// Upload bytes queued for one peer beyond which its requests are rejected.
 const MAX_UPLOAD_QUEUE: usize = 16 << 20;
 
