@@ -146,6 +146,54 @@ impl Store {
         Ok(())
     }
 
+    /// Reads `len` bytes at `offset` into a new buffer without zero-filling it first (for whole
+    /// pieces; the zeroing showed up as a tenth of a seeder's CPU time).
+    pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        self.read_into(offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like `read_vec`, into a page-aligned buffer: the kernel copies page-cache data several
+    /// times faster into an aligned destination than into malloc's usual 16-byte offset.
+    pub fn read_aligned(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        const ALIGN: usize = 4096;
+        let mut out = Vec::with_capacity(len + ALIGN);
+        let skew = (ALIGN - out.as_ptr() as usize % ALIGN) % ALIGN;
+        out.resize(skew, 0);
+        self.read_into(offset, len, &mut out)?;
+        Ok(bytes::Bytes::from(out).slice(skew..))
+    }
+
+    /// Appends `len` bytes at `offset` to `out`.
+    fn read_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let base = out.len();
+        for s in file_slices(&self.files, offset, len as u64) {
+            if out.len() - base != s.buf_offset {
+                return Err(io::Error::other("gap in the file layout"));
+            }
+            if self.files[s.file_index].pad {
+                out.resize(out.len() + s.len, 0);
+                continue;
+            }
+            // The handle lock is held across seek and read, so the shared position is ours.
+            self.with_file(s.file_index, |mut f| {
+                f.seek(SeekFrom::Start(s.file_offset))?;
+                let got = f.take(s.len as u64).read_to_end(out)?;
+                if got == s.len {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                }
+            })?;
+        }
+        if out.len() - base != len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of the torrent's stream (pad ranges skipped).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         for s in file_slices(&self.files, offset, data.len() as u64) {
@@ -247,5 +295,40 @@ mod tests {
             ]
         );
         assert!(file_slices(&files, 35, 4).is_empty());
+    }
+
+    #[test]
+    fn reads_and_writes_across_files_and_pads() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = vec![
+            entry(10, 0, false),
+            entry(6, 10, true),
+            entry(20, 16, false),
+        ];
+        let info = Info {
+            name: "t".into(),
+            piece_length: 16,
+            piece_hashes: vec![[0; 20]; 3],
+            files,
+            multi_file: true,
+            private: false,
+            lengths: Lengths::new(36, 16, 3).unwrap(),
+        };
+        let store = Store::new(dir.path(), &info);
+        store.create_files().unwrap();
+        let data: Vec<u8> = (1..=36).collect();
+        store.write_at(0, &data).unwrap();
+        let got = store.read_vec(0, 36).unwrap();
+        assert_eq!(&store.read_aligned(0, 36).unwrap()[..], &got[..]);
+        let mut want = data.clone();
+        want[10..16].fill(0); // pad bytes read as zeros
+        assert_eq!(got, want);
+        let mut buf = vec![0u8; 12];
+        store.read_at(8, &mut buf).unwrap();
+        assert_eq!(buf, want[8..20]);
+        assert!(
+            !dir.path().join("t/f10").exists(),
+            "pad files are never created"
+        );
     }
 }

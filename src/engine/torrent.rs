@@ -677,12 +677,16 @@ impl Torrent {
             }
         }
         let store = self.store.as_ref()?;
-        let mut buf = vec![0u8; self.lengths.piece_len(piece) as usize];
-        if let Err(e) = store.read_at(self.lengths.piece_offset(piece), &mut buf) {
-            log::warn!("reading piece {piece} from disk: {e}");
-            return None;
-        }
-        let data = Bytes::from(buf);
+        let data = match store.read_aligned(
+            self.lengths.piece_offset(piece),
+            self.lengths.piece_len(piece) as usize,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("reading piece {piece} from disk: {e}");
+                return None;
+            }
+        };
         let mut st = self.lock();
         let evicted = st.cache.insert(piece.get(), data.clone());
         self.after_evict(&mut st, &evicted);
