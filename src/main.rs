@@ -33,7 +33,8 @@ enum Command {
 
 fn main() {
     // Piece buffers are 256 KiB: keep glibc from spreading them over many per-thread arenas,
-    // which multiplies resident memory without holding more data.
+    // which multiplies resident memory without holding more data. (The engine also hands freed
+    // memory back once a second; see `Torrent::run_ticker`.)
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
