@@ -88,6 +88,13 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3 (apt-get install fuse3)");
     }
+    // SAFETY: access() only reads its NUL-terminated path argument.
+    if unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        bail!(
+            "/dev/fuse is not readable and writable by this user; most systems make it mode 666 \
+             (as root: chmod 666 /dev/fuse), and the FUSE library swarmfs uses needs that"
+        );
+    }
     if which("fusermount3").is_none() {
         bail!("fusermount3 is missing: install it with `apt-get install fuse3`");
     }
