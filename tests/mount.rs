@@ -438,3 +438,79 @@ fn a_dead_mountpoint_gets_a_message_naming_fusermount() {
     assert!(!out.status.success());
     assert!(err.contains("fusermount -u"), "{err}");
 }
+
+#[test]
+fn a_second_mount_of_the_same_data_dir_is_refused() {
+    let s = swarm_of("locked", |root| {
+        write_file(&root.join("f.bin"), 100_000, 61)
+    });
+    let data_dir = s.tmp.path().join("data");
+    let mnt1 = s.tmp.path().join("mnt1");
+    let _m = Mount::start(
+        &s.torrent,
+        &mnt1,
+        &s.tmp.path().join("m1.log"),
+        &["--peer", &s.peer, "-d", data_dir.to_str().unwrap()],
+    );
+    let mnt2 = s.tmp.path().join("mnt2");
+    std::fs::create_dir_all(&mnt2).unwrap();
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(&s.torrent)
+        .arg(&mnt2)
+        .args(["-d", data_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "second mount of the same data dir succeeded"
+    );
+    assert!(err.contains("in use by another swarmfs"), "{err}");
+    assert!(!is_mountpoint(&mnt2));
+}
+
+#[test]
+fn a_full_data_dir_degrades_to_memory_and_reads_stay_correct() {
+    let s = swarm_of("full", |root| {
+        write_file(&root.join("f.bin"), 6 * 1024 * 1024, 62)
+    });
+    // A 1 MiB filesystem for a 6 MiB torrent: writes fail with ENOSPC part way.
+    let data_dir = s.tmp.path().join("tiny");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&data_dir),
+    );
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(data_dir.clone());
+    let mnt = s.tmp.path().join("mnt");
+    let log = s.tmp.path().join("mount.log");
+    let m = Mount::start(
+        &s.torrent,
+        &mnt,
+        &log,
+        &["--peer", &s.peer, "-d", data_dir.to_str().unwrap()],
+    );
+    let p = mnt.join("full/f.bin");
+    let got = with_watchdog(
+        Duration::from_secs(120),
+        "read with a full data dir",
+        move || std::fs::read(p).unwrap(),
+    );
+    assert!(
+        got == data(6 * 1024 * 1024, 62),
+        "wrong bytes with a full data dir"
+    );
+    assert!(
+        m.proc.stderr().contains("continuing in memory only"),
+        "no warning: {}",
+        m.proc.stderr()
+    );
+}
