@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::core::layout::{Bitfield, BlockRef};
 use crate::core::picker::PeerKey;
 use crate::core::wire::{BlockRequest, ExtendedHandshake, Handshake, Message, MAX_REQUEST_LEN};
-use crate::engine::torrent::{PeerCommand, Torrent};
+use crate::engine::torrent::{PeerCommand, Torrent, MAX_PENDING_VERIFY};
 use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 
 /// A peer that sends nothing at all (not even keep-alives) for this long is dropped.
@@ -271,6 +271,9 @@ impl Conn {
     fn fill_requests(&mut self) {
         if self.peer_choking || !self.am_interested {
             return;
+        }
+        if self.t.pending_verify.load(Ordering::SeqCst) >= MAX_PENDING_VERIFY {
+            return; // the hashing / disk backlog wakes us when it drains
         }
         let now = Instant::now();
         let blocks = {

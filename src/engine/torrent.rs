@@ -178,6 +178,8 @@ pub struct Torrent {
     pub(crate) upload_limit: Option<RateLimiter>,
     pub(crate) download_limit: Option<RateLimiter>,
     totals_tx: watch::Sender<TransferTotals>,
+    /// Pieces handed to the blocking pool for hashing and not yet filed.
+    pub(crate) pending_verify: std::sync::atomic::AtomicUsize,
     announcer: Mutex<Option<Announcer>>,
     completed_announced: std::sync::atomic::AtomicBool,
 }
@@ -190,6 +192,9 @@ const SOLE_STRIKE: u32 = 2;
 const SHARED_STRIKE: u32 = 1;
 /// Blocks outstanding at one peer longer than this go to other peers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Complete pieces waiting to be hashed (and written) beyond which peers stop requesting: a
+/// slow disk (dirty-page throttling) must not pile up piece buffers in memory.
+pub(crate) const MAX_PENDING_VERIFY: usize = 32;
 /// Connections being opened at once.
 const MAX_HALF_OPEN: usize = 8;
 
@@ -262,6 +267,7 @@ impl Torrent {
             piece_done: Notify::new(),
             shutdown_tx,
             totals_tx,
+            pending_verify: std::sync::atomic::AtomicUsize::new(0),
             announcer: Mutex::new(None),
             completed_announced: std::sync::atomic::AtomicBool::new(false),
             meta,
@@ -766,8 +772,21 @@ impl Torrent {
 
     /// Hashes a complete piece on the blocking pool, then files it.
     fn verify_piece(self: &Arc<Self>, piece: PieceIndex, buf: Vec<u8>) {
+        self.pending_verify.fetch_add(1, Ordering::SeqCst);
         let t = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Released on every path; peers paused by the backlog resume when it drains.
+            struct Done<'a>(&'a Torrent);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    let before = self.0.pending_verify.fetch_sub(1, Ordering::SeqCst);
+                    if before == MAX_PENDING_VERIFY {
+                        let st = self.0.lock();
+                        self.0.wake_peers(&st);
+                    }
+                }
+            }
+            let _done = Done(&t);
             let expected = t.meta.info.piece_hashes.get(piece.as_usize()).copied();
             let ok = expected.is_some_and(|h| Sha1::digest(&buf)[..] == h[..]);
             if !ok {
