@@ -145,6 +145,21 @@ pub async fn termination_signal() {
     }
 }
 
+/// Binds the listener, prints where it listens, and adds the torrent (verifying its data dir):
+/// the start shared by `seed` and `download`.
+pub async fn join_swarm(
+    listen: Option<SocketAddr>,
+    meta: Arc<crate::core::metainfo::Metainfo>,
+    cfg: TorrentConfig,
+) -> anyhow::Result<(crate::engine::session::Session, Arc<Torrent>)> {
+    let listener = crate::engine::session::bind_listener(listen).await?;
+    let session = crate::engine::session::Session::start(listener)?;
+    announce_listen(session.listen_addr);
+    let progress = verify_progress(meta.info.lengths.piece_count());
+    let t = session.add_torrent(meta, cfg, progress).await?;
+    Ok((session, t))
+}
+
 /// Prints where we listen (tests and scripts read this line) and flushes.
 pub fn announce_listen(addr: SocketAddr) {
     use std::io::Write;

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use crate::cli::common::{self, SwarmArgs};
 use crate::core::units::format_size;
-use crate::engine::session::{bind_listener, Session};
 use crate::engine::torrent::TorrentConfig;
 
 #[derive(clap::Args, Debug)]
@@ -32,11 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.swarm.apply(&mut cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let listener = bind_listener(args.swarm.listen).await?;
-        let session = Session::start(listener)?;
-        common::announce_listen(session.listen_addr);
-        let progress = common::verify_progress(meta.info.lengths.piece_count());
-        let t = session.add_torrent(meta.clone(), cfg, progress).await?;
+        let (session, t) = common::join_swarm(args.swarm.listen, meta.clone(), cfg).await?;
         let started = Instant::now();
         let start_bytes = t.snapshot().downloaded;
         common::spawn_status_line(t.clone());

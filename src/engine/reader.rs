@@ -142,7 +142,7 @@ impl Torrent {
         let mut st = self.lock();
         for &p in &pieces {
             let evicted = st.cache.unpin(p.get());
-            self.forget_evicted(&mut st, &evicted);
+            self.after_evict(&mut st, &evicted);
             let last = match st.read_waiters.get_mut(&p.get()) {
                 Some(n) => {
                     *n -= 1;
@@ -156,16 +156,6 @@ impl Torrent {
             }
         }
         out
-    }
-
-    fn forget_evicted(&self, st: &mut crate::engine::torrent::State, evicted: &[u32]) {
-        for &e in evicted {
-            if !st.on_disk.get(e) {
-                if let Some(p) = self.lengths.piece(e) {
-                    st.picker.piece_lost(p);
-                }
-            }
-        }
     }
 
     async fn wait_for(&self, missing: &mut Vec<PieceIndex>) -> Result<(), ReadError> {

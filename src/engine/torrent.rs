@@ -485,14 +485,17 @@ impl Torrent {
         if !expired.is_empty() {
             log::debug!("{} requests timed out", expired.len());
         }
-        // Background fetching follows the cache's room when there is no data dir.
-        let background = self.cfg.fetch_all
-            || (self.store.is_some() && !st.store_failed)
-            || st.cache.has_room(self.lengths.piece_length() as u64);
+        let background = self.background_wanted(&st);
         st.picker.set_background(background);
-        for p in st.peers.values() {
-            let _ = p.tx.send(PeerCommand::FillRequests);
-        }
+        self.wake_peers(&st);
+    }
+
+    /// Whether to fetch pieces nobody is reading: always for download/seed and with a working
+    /// data dir; otherwise only while the cache has room.
+    fn background_wanted(&self, st: &State) -> bool {
+        self.cfg.fetch_all
+            || (self.store.is_some() && !st.store_failed)
+            || st.cache.has_room(self.lengths.piece_length() as u64)
     }
 
     pub(crate) fn wake_peers(&self, st: &State) {
@@ -706,7 +709,7 @@ impl Torrent {
     }
 
     /// Pieces evicted from the cache that are not on disk are no longer held.
-    fn after_evict(&self, st: &mut State, evicted: &[u32]) {
+    pub(crate) fn after_evict(&self, st: &mut State, evicted: &[u32]) {
         for &e in evicted {
             if !st.on_disk.get(e) {
                 if let Some(p) = self.lengths.piece(e) {
@@ -821,10 +824,8 @@ impl Torrent {
         // Pieces a reader waits for go to the cache even when on disk: the reader copies from it.
         let evicted = st.cache.insert(piece.get(), data);
         self.after_evict(&mut st, &evicted);
-        if !self.cfg.fetch_all && self.store.is_none() {
-            let room = st.cache.has_room(self.lengths.piece_length() as u64);
-            st.picker.set_background(room);
-        }
+        let background = self.background_wanted(&st);
+        st.picker.set_background(background);
         for p in st.peers.values() {
             let _ = p.tx.send(PeerCommand::Have(piece.get()));
         }
@@ -876,15 +877,6 @@ impl Torrent {
             }
         }
         self.wake_peers(&st);
-    }
-
-    /// Whether the peer at `addr` was banned (tests and logs).
-    pub fn is_banned(&self, addr: SocketAddr) -> bool {
-        self.lock().banned_addrs.contains(&addr)
-    }
-
-    pub fn banned_count(&self) -> usize {
-        self.lock().banned_ids.len()
     }
 }
 

@@ -114,10 +114,6 @@ impl PeerReader {
         }
     }
 
-    pub fn set_max_frame(&mut self, max_frame: u32) {
-        self.max_frame = max_frame;
-    }
-
     /// The next message, or an error; `idle` bounds the wait for any bytes at all.
     pub async fn next(&mut self, idle: Duration) -> Result<Message, PeerIoError> {
         loop {
