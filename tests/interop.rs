@@ -45,18 +45,7 @@ fn dataset(root: &Path) {
 }
 
 fn swarmfs_download(torrent: &Path, dir: &Path, logs: &Path, extra: &[&str]) {
-    let mut d = Proc::spawn(
-        "swarmfs-download",
-        Command::new(bin())
-            .arg("download")
-            .arg(torrent)
-            .arg("-d")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(extra)
-            .env("RUST_LOG", "swarmfs=info"),
-        logs,
-    );
+    let mut d = download(torrent, dir, logs, extra);
     let status = d.wait_exit(Duration::from_secs(180));
     assert!(status.success(), "download failed: {}", d.stderr());
 }

@@ -15,26 +15,6 @@ use swarmfs::core::wire::{self, Decode, Handshake, Message};
 
 use common::*;
 
-fn download(
-    torrent: &std::path::Path,
-    dir: &std::path::Path,
-    logs: &std::path::Path,
-    extra: &[&str],
-) -> Proc {
-    Proc::spawn(
-        "download",
-        Command::new(bin())
-            .arg("download")
-            .arg(torrent)
-            .arg("-d")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(extra)
-            .env("RUST_LOG", "swarmfs=info"),
-        logs,
-    )
-}
-
 #[test]
 fn single_file_download_is_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();

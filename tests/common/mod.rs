@@ -154,15 +154,6 @@ impl Proc {
             libc::kill(self.child.id() as i32, sig);
         }
     }
-
-    pub fn read_all_stdout(&mut self) -> String {
-        let mut s = String::new();
-        while let Ok(l) = self.stdout_lines.try_recv() {
-            s.push_str(&l);
-            s.push('\n');
-        }
-        s
-    }
 }
 
 impl Drop for Proc {
@@ -174,10 +165,16 @@ impl Drop for Proc {
 
 /// `swarmfs seed TORRENT -d DIR --listen 127.0.0.1:0` and its address.
 pub fn seeder(dir: &Path, torrent: &Path, logs: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut p = Proc::spawn(
-        "seeder",
+    let (p, addr, _) = seeder_with_peer_id(dir, torrent, logs, extra);
+    (p, addr)
+}
+
+/// `swarmfs download TORRENT -d DIR --listen 127.0.0.1:0`, running.
+pub fn download(torrent: &Path, dir: &Path, logs: &Path, extra: &[&str]) -> Proc {
+    Proc::spawn(
+        "download",
         Command::new(bin())
-            .arg("seed")
+            .arg("download")
             .arg(torrent)
             .arg("-d")
             .arg(dir)
@@ -185,10 +182,7 @@ pub fn seeder(dir: &Path, torrent: &Path, logs: &Path, extra: &[&str]) -> (Proc,
             .args(extra)
             .env("RUST_LOG", "swarmfs=info"),
         logs,
-    );
-    let addr = p.listen_addr();
-    p.wait_line("seeding ", Duration::from_secs(120));
-    (p, addr)
+    )
 }
 
 /// Byte-compares two trees (files only), failing with the first difference.
