@@ -5,6 +5,7 @@ pub mod choker;
 pub mod layout;
 pub mod magnet;
 pub mod metainfo;
+pub mod peer_proto;
 pub mod picker;
 pub mod tracker_proto;
 pub mod units;
