@@ -101,11 +101,10 @@ pub fn spawn_status_line(t: Arc<Torrent>) {
     tokio::spawn(async move {
         let bar = indicatif::ProgressBar::new_spinner();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut shutdown = t.shutdown_signal();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => break,
+                _ = t.stopped() => break,
             }
             let s = t.snapshot();
             let eta = if s.bytes_left == 0 {

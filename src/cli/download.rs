@@ -35,20 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let started = Instant::now();
         let start_bytes = t.snapshot().downloaded;
         common::spawn_status_line(t.clone());
-        let mut shutdown = t.shutdown_signal();
-        let done = async {
-            loop {
-                if t.is_complete() {
-                    return;
-                }
-                let notified = t.piece_done.notified();
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        };
+        let done = t.wait_complete();
         tokio::select! {
             _ = done => {}
             _ = common::termination_signal() => {

@@ -1,10 +1,18 @@
 //! Orchestration: the tokio tasks that run torrents.
 //!
-//! `session` owns the listener and the torrents; `torrent` holds one torrent's shared state and
-//! its timers; `peer` is one connection's protocol logic; `reader` serves the mount's reads;
-//! `store` writes verified pieces to `--data-dir`.
+//! `session` owns the listener and the torrents; `torrent` is one torrent's shared handle, with
+//! its state in `state` (changed only through named transitions) and its timers and connector in
+//! `ticker`; `peer` is one connection's thin loop around `core::peer_proto`; `reader` serves the
+//! mount's reads; `store` writes verified pieces to `--data-dir`; `tasks` owns every task and
+//! shuts them down.
+//!
+//! Imports point one way: `session` -> `ticker` -> `peer` -> `torrent` -> `state`; `reader`
+//! extends `torrent`. Time is read only through `tokio::time::Instant` (so tests may pause it).
 pub mod peer;
 pub mod reader;
 pub mod session;
+pub(crate) mod state;
 pub mod store;
+pub mod tasks;
+pub mod ticker;
 pub mod torrent;

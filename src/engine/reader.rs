@@ -1,12 +1,17 @@
 //! Reads of the torrent's byte stream for the mount: the pieces of a read become urgent (with
 //! deadlines), a readahead window follows each sequential stream, and the read waits until the
 //! pieces are verified, the read times out with no progress, or the torrent shuts down.
+//! A read's pins and deadlines are held by a guard, so a read future dropped midway (the kernel
+//! interrupted it, the runtime is shutting down) leaks nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::core::layout::PieceIndex;
-use crate::engine::torrent::{ReadStream, Torrent};
+pub use crate::engine::state::StreamId;
+use crate::engine::torrent::Torrent;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReadError {
@@ -18,69 +23,26 @@ pub enum ReadError {
     Unavailable,
 }
 
-/// The first readahead window of a new sequential stream.
-const INITIAL_WINDOW: u64 = 2 << 20;
-/// Deadline of the first piece of a read, and the step between later ones.
-const URGENT_DEADLINE: Duration = Duration::from_millis(300);
-const DEADLINE_STEP: Duration = Duration::from_millis(50);
+/// The pieces one read has pinned and given deadlines; released on drop.
+struct ReadGuard<'a> {
+    torrent: &'a Torrent,
+    pieces: Vec<PieceIndex>,
+}
 
-pub type StreamId = u64;
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        self.torrent.lock().read_done(&self.pieces);
+    }
+}
 
 impl Torrent {
     /// Opens a readahead stream for a file spanning `[start, end)` of the torrent.
     pub fn open_stream(&self, start: u64, end: u64) -> StreamId {
-        let mut st = self.lock();
-        let id = st.next_stream;
-        st.next_stream += 1;
-        st.streams.insert(
-            id,
-            ReadStream {
-                next_offset: start,
-                window: 0,
-                end,
-            },
-        );
-        id
+        self.lock().open_stream(start, end)
     }
 
     pub fn close_stream(&self, id: StreamId) {
-        let mut st = self.lock();
-        st.streams.remove(&id);
-        self.apply_readahead(&mut st);
-    }
-
-    /// The largest readahead window: `--readahead`, but never more than half the cache without a
-    /// data dir (or readahead would evict what it fetched before anyone reads it).
-    fn max_window(&self) -> u64 {
-        if self.store.is_some() {
-            self.cfg.readahead
-        } else {
-            self.cfg.readahead.min(self.cfg.cache_size / 2)
-        }
-    }
-
-    fn apply_readahead(&self, st: &mut crate::engine::torrent::State) {
-        let mut pieces: Vec<PieceIndex> = Vec::new();
-        for s in st.streams.values() {
-            if s.window == 0 {
-                continue;
-            }
-            let end = s.next_offset.saturating_add(s.window).min(s.end);
-            if end <= s.next_offset {
-                continue;
-            }
-            for i in self
-                .lengths
-                .pieces_for_range(s.next_offset, end - s.next_offset)
-            {
-                if let Some(p) = self.lengths.piece(i) {
-                    if !st.picker.has(p) && !pieces.contains(&p) {
-                        pieces.push(p);
-                    }
-                }
-            }
-        }
-        st.picker.set_readahead(&pieces);
+        self.lock().close_stream(id);
     }
 
     /// Reads `len` bytes at `offset` of the torrent's byte stream (clamped to its end).
@@ -95,74 +57,27 @@ impl Torrent {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let range = self.lengths.pieces_for_range(offset, end - offset);
-        let pieces: Vec<PieceIndex> = range.filter_map(|i| self.lengths.piece(i)).collect();
-        let now = Instant::now();
-        let mut missing: Vec<PieceIndex> = {
-            let mut st = self.lock();
-            if let Some(id) = stream {
-                let max = self.max_window();
-                if let Some(s) = st.streams.get_mut(&id) {
-                    if offset == s.next_offset
-                        || (offset > s.next_offset && offset - s.next_offset < (1 << 20))
-                    {
-                        s.window = if s.window == 0 {
-                            INITIAL_WINDOW.min(max)
-                        } else {
-                            (s.window * 2).min(max)
-                        };
-                    } else {
-                        // A seek: start over small.
-                        s.window = 0;
-                    }
-                    s.next_offset = end;
-                }
-            }
-            let mut missing = Vec::new();
-            for (i, &p) in pieces.iter().enumerate() {
-                st.cache.pin(p.get());
-                *st.read_waiters.entry(p.get()).or_insert(0) += 1;
-                if !st.picker.has(p) {
-                    let deadline = now + URGENT_DEADLINE + DEADLINE_STEP * i as u32;
-                    st.picker.set_deadline(p, deadline);
-                    missing.push(p);
-                }
-            }
-            self.apply_readahead(&mut st);
-            if !missing.is_empty() {
-                self.wake_peers(&st);
-            }
-            missing
+        let pieces: Vec<PieceIndex> = self
+            .lengths
+            .pieces_for_range(offset, end - offset)
+            .filter_map(|i| self.lengths.piece(i))
+            .collect();
+        let mut missing =
+            self.lock()
+                .read_wants(stream, offset, end, &pieces, Instant::now().into_std());
+        let guard = ReadGuard {
+            torrent: self,
+            pieces,
         };
-        let result = self.wait_for(&mut missing).await;
-        let out = match result {
-            Ok(()) => self.copy_out(&pieces, offset, end),
-            Err(e) => Err(e),
-        };
-        let mut st = self.lock();
-        for &p in &pieces {
-            let evicted = st.cache.unpin(p.get());
-            self.after_evict(&mut st, &evicted);
-            let last = match st.read_waiters.get_mut(&p.get()) {
-                Some(n) => {
-                    *n -= 1;
-                    *n == 0
-                }
-                None => true,
-            };
-            if last {
-                st.read_waiters.remove(&p.get());
-                st.picker.clear_deadline(p);
-            }
-        }
-        out
+        self.wait_for(&mut missing).await?;
+        self.copy_out(&guard.pieces, offset, end).await
     }
 
     async fn wait_for(&self, missing: &mut Vec<PieceIndex>) -> Result<(), ReadError> {
         let timeout = self.cfg.read_timeout;
         let mut last_progress = Instant::now();
         loop {
-            let notified = self.piece_done.notified();
+            let notified = self.piece_done_waiter();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.is_shutting_down() {
@@ -171,7 +86,7 @@ impl Torrent {
             let before = missing.len();
             {
                 let st = self.lock();
-                missing.retain(|p| !st.picker.has(*p));
+                missing.retain(|p| !st.has(*p));
             }
             if missing.is_empty() {
                 return Ok(());
@@ -187,10 +102,18 @@ impl Torrent {
         }
     }
 
-    fn copy_out(&self, pieces: &[PieceIndex], offset: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+    async fn copy_out(
+        &self,
+        pieces: &[PieceIndex],
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, ReadError> {
         let mut out = Vec::with_capacity((end - offset) as usize);
         for &p in pieces {
-            let data = self.piece_data(p, true).ok_or(ReadError::Unavailable)?;
+            let data = self
+                .piece_data(p, true)
+                .await
+                .ok_or(ReadError::Unavailable)?;
             let pstart = self.lengths.piece_offset(p);
             let from = offset.max(pstart) - pstart;
             let to = end.min(pstart + data.len() as u64) - pstart;

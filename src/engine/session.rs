@@ -1,25 +1,54 @@
 //! The session: our peer id, the listening socket, and the torrents it routes incoming
-//! connections to.
+//! connections to. It owns a task group (listener, handshakes) whose token is the parent of every
+//! torrent's, so `shutdown` stops the listener, then each torrent, and returns when all their
+//! tasks are gone.
+//!
+//! Incoming connections are bounded before we know their torrent: at most
+//! `SessionConfig::max_incoming` at once (handshaking or running), and at most
+//! `MAX_HANDSHAKES` of them still handshaking; past either bound a connection is closed at once.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rand::Rng;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::core::metainfo::Metainfo;
 use crate::core::wire::Handshake;
-use crate::engine::torrent::{spawn_named, Torrent, TorrentConfig};
+use crate::engine::tasks::{Failure, TaskGroup};
+use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::net::peer;
 
 /// The default listening port; the next free one is taken if it is busy.
 pub const DEFAULT_PORT: u16 = 6881;
+/// Incoming connections still in their handshake, at most.
+pub const MAX_HANDSHAKES: usize = 32;
+/// How long shutdown waits for the listener and handshakes.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Incoming peer connections alive at once, across all torrents (`--max-incoming`).
+    pub max_incoming: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { max_incoming: 200 }
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<[u8; 20], Arc<Torrent>>>>;
 
 pub struct Session {
     pub peer_id: [u8; 20],
     pub listen_addr: SocketAddr,
-    torrents: Arc<Mutex<HashMap<[u8; 20], Arc<Torrent>>>>,
+    torrents: Routes,
+    tasks: Arc<TaskGroup>,
 }
 
 /// An Azureus-style peer id: `-SF0100-` and 12 random bytes.
@@ -43,58 +72,54 @@ pub async fn bind_listener(listen: Option<SocketAddr>) -> std::io::Result<TcpLis
     TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).await
 }
 
+fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<[u8; 20], Arc<Torrent>>> {
+    routes.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Session {
-    /// Starts accepting connections on `listener`.
+    /// Starts accepting connections on `listener` with default limits.
     pub fn start(listener: TcpListener) -> std::io::Result<Session> {
+        Self::start_with(listener, SessionConfig::default())
+    }
+
+    pub fn start_with(listener: TcpListener, cfg: SessionConfig) -> std::io::Result<Session> {
         let listen_addr = listener.local_addr()?;
-        let torrents: Arc<Mutex<HashMap<[u8; 20], Arc<Torrent>>>> = Arc::default();
-        let peer_id = new_peer_id();
+        let torrents: Routes = Arc::default();
+        let tasks = Arc::new(TaskGroup::new("session", CancellationToken::new()));
+        let incoming = Arc::new(Semaphore::new(cfg.max_incoming.max(1)));
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let routes = torrents.clone();
-        spawn_named("listener", async move {
+        let group = tasks.clone();
+        tasks.spawn("listener", Failure::Serious, async move {
             loop {
                 let (stream, addr) = match listener.accept().await {
                     Ok(x) => x,
                     Err(e) => {
                         log::warn!("accept: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
+                let (Ok(slot), Ok(handshake)) = (
+                    incoming.clone().try_acquire_owned(),
+                    handshakes.clone().try_acquire_owned(),
+                ) else {
+                    log::debug!("incoming {addr}: too many connections; closed");
+                    continue; // dropping the stream closes it
+                };
                 let routes = routes.clone();
-                spawn_named("peer-incoming", async move {
-                    let (theirs, incoming) = match peer::accept(stream).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            log::debug!("incoming {addr}: {e}");
-                            return;
-                        }
-                    };
-                    let torrent = routes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&theirs.info_hash)
-                        .cloned();
-                    let Some(t) = torrent else {
-                        log::debug!("incoming {addr}: unknown torrent");
-                        return;
-                    };
-                    if t.is_shutting_down() {
-                        return;
-                    }
-                    let ours = Handshake::new(t.info_hash.0, t.peer_id);
-                    match incoming.answer(&ours).await {
-                        Ok((r, w)) => {
-                            let _ = crate::engine::peer::run(t, addr, theirs, r, w).await;
-                        }
-                        Err(e) => log::debug!("incoming {addr}: {e}"),
-                    }
+                group.spawn("peer-in", Failure::Routine, async move {
+                    answer(stream, addr, routes, slot, handshake).await
                 });
             }
+            #[allow(unreachable_code)]
+            Ok::<(), std::convert::Infallible>(())
         });
         Ok(Session {
-            peer_id,
+            peer_id: new_peer_id(),
             listen_addr,
             torrents,
+            tasks,
         })
     }
 
@@ -107,28 +132,52 @@ impl Session {
     ) -> anyhow::Result<Arc<Torrent>> {
         let peer_id = self.peer_id;
         let port = self.listen_addr.port();
+        let parent = self.tasks.token().clone();
         let t = tokio::task::spawn_blocking(move || {
-            Torrent::new(meta, cfg, peer_id, port, &|n| progress(n))
+            Torrent::new(meta, cfg, peer_id, port, parent, &|n| progress(n))
         })
         .await??;
-        self.torrents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(t.info_hash.0, t.clone());
+        lock(&self.torrents).insert(t.info_hash.0, t.clone());
         t.start();
         Ok(t)
     }
 
+    /// Stops accepting, shuts every torrent down, and returns once all their tasks are gone.
     pub async fn shutdown(&self) {
-        let all: Vec<Arc<Torrent>> = self
-            .torrents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for t in all {
+        let all: Vec<Arc<Torrent>> = lock(&self.torrents).drain().map(|(_, t)| t).collect();
+        self.tasks.token().cancel();
+        for t in &all {
             t.shutdown().await;
         }
+        self.tasks.shutdown(SHUTDOWN_BOUND).await;
     }
+}
+
+/// Reads an incoming peer's handshake, finds its torrent, answers, and hands the connection to
+/// the torrent's task group. `slot` is held as long as the connection lives.
+async fn answer(
+    stream: TcpStream,
+    addr: SocketAddr,
+    routes: Routes,
+    slot: OwnedSemaphorePermit,
+    handshake: OwnedSemaphorePermit,
+) -> Result<(), peer::PeerIoError> {
+    let (theirs, incoming) = peer::accept(stream).await?;
+    let torrent = lock(&routes).get(&theirs.info_hash).cloned();
+    let Some(t) = torrent else {
+        log::debug!("incoming {addr}: unknown torrent");
+        return Ok(());
+    };
+    if t.is_shutting_down() {
+        return Ok(());
+    }
+    let ours = Handshake::new(t.info_hash.0, t.peer_id);
+    let (r, w) = incoming.answer(&ours).await?;
+    drop(handshake);
+    let owner = t.clone();
+    owner.tasks.spawn("peer-in", Failure::Routine, async move {
+        let _slot = slot;
+        crate::engine::peer::run(t, addr, theirs, r, w).await
+    });
+    Ok(())
 }

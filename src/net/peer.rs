@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
 use crate::core::wire::{self, Decode, Handshake, Message, HANDSHAKE_LEN};
@@ -28,12 +27,21 @@ pub enum PeerIoError {
     Closed,
     #[error("no message for {0:?}")]
     Idle(Duration),
+    #[error("peer read nothing we sent for {0:?}")]
+    WriteTimeout(Duration),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write the peer does not make room for within this long ends the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Either half of a connection, whatever carries it (TCP today; uTP, encryption and in-memory
+/// test pipes later), so the codec and engine above never name the transport.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Opens a connection and exchanges handshakes; the peer must answer for `ours.info_hash`.
 pub async fn connect(
@@ -44,8 +52,19 @@ pub async fn connect(
         .await
         .map_err(|_| PeerIoError::ConnectTimeout)??;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    wr.write_all(&ours.encode()).await?;
+    let (rd, wr) = stream.into_split();
+    handshake_outgoing(Box::new(rd), Box::new(wr), ours).await
+}
+
+/// Our handshake first, then theirs, on an established stream.
+pub async fn handshake_outgoing(
+    mut rd: ReadHalf,
+    mut wr: WriteHalf,
+    ours: &Handshake,
+) -> Result<(Handshake, PeerReader, PeerWriter), PeerIoError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, wr.write_all(&ours.encode()))
+        .await
+        .map_err(|_| PeerIoError::HandshakeTimeout)??;
     let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&mut rd))
         .await
         .map_err(|_| PeerIoError::HandshakeTimeout)??;
@@ -59,7 +78,15 @@ pub async fn connect(
 /// torrent it wants, then `answer`.
 pub async fn accept(stream: TcpStream) -> Result<(Handshake, IncomingPeer), PeerIoError> {
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    accept_stream(Box::new(rd), Box::new(wr)).await
+}
+
+/// Reads the peer's handshake on an established stream (see `accept`).
+pub async fn accept_stream(
+    mut rd: ReadHalf,
+    wr: WriteHalf,
+) -> Result<(Handshake, IncomingPeer), PeerIoError> {
     let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(&mut rd))
         .await
         .map_err(|_| PeerIoError::HandshakeTimeout)??;
@@ -67,8 +94,8 @@ pub async fn accept(stream: TcpStream) -> Result<(Handshake, IncomingPeer), Peer
 }
 
 pub struct IncomingPeer {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ReadHalf,
+    wr: WriteHalf,
 }
 
 impl IncomingPeer {
@@ -76,12 +103,14 @@ impl IncomingPeer {
         mut self,
         ours: &Handshake,
     ) -> Result<(PeerReader, PeerWriter), PeerIoError> {
-        self.wr.write_all(&ours.encode()).await?;
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.wr.write_all(&ours.encode()))
+            .await
+            .map_err(|_| PeerIoError::HandshakeTimeout)??;
         Ok((PeerReader::new(self.rd), PeerWriter::new(self.wr)))
     }
 }
 
-async fn read_handshake(rd: &mut OwnedReadHalf) -> Result<Handshake, PeerIoError> {
+async fn read_handshake(rd: &mut ReadHalf) -> Result<Handshake, PeerIoError> {
     let mut buf = [0u8; HANDSHAKE_LEN];
     rd.read_exact(&mut buf).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -96,7 +125,7 @@ async fn read_handshake(rd: &mut OwnedReadHalf) -> Result<Handshake, PeerIoError
 /// Reads whole messages. The buffer never grows past one frame of at most `max_frame` bytes plus
 /// one read's worth, whatever the peer sends.
 pub struct PeerReader {
-    rd: OwnedReadHalf,
+    rd: ReadHalf,
     buf: BytesMut,
     max_frame: u32,
     need: usize,
@@ -105,7 +134,7 @@ pub struct PeerReader {
 const READ_CHUNK: usize = 256 * 1024;
 
 impl PeerReader {
-    fn new(rd: OwnedReadHalf) -> Self {
+    fn new(rd: ReadHalf) -> Self {
         PeerReader {
             rd,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -163,20 +192,29 @@ pub enum Outgoing {
 }
 
 pub struct PeerWriter {
-    wr: BufWriter<OwnedWriteHalf>,
+    wr: BufWriter<WriteHalf>,
     scratch: BytesMut,
 }
 
 impl PeerWriter {
-    fn new(wr: OwnedWriteHalf) -> Self {
+    fn new(wr: WriteHalf) -> Self {
         PeerWriter {
             wr: BufWriter::with_capacity(256 * 1024, wr),
             scratch: BytesMut::with_capacity(64),
         }
     }
 
-    /// Buffers one item; call `flush` when the queue is empty.
-    pub async fn write(&mut self, item: &Outgoing) -> io::Result<()> {
+    /// Buffers one item; call `flush` when the queue is empty. A peer that makes no room for
+    /// `WRITE_TIMEOUT` fails the write. (Timing out costs one clock read when the write
+    /// completes at once, the usual case with the buffer.)
+    pub async fn write(&mut self, item: &Outgoing) -> Result<(), PeerIoError> {
+        tokio::time::timeout(WRITE_TIMEOUT, self.write_untimed(item))
+            .await
+            .map_err(|_| PeerIoError::WriteTimeout(WRITE_TIMEOUT))?
+            .map_err(PeerIoError::Io)
+    }
+
+    async fn write_untimed(&mut self, item: &Outgoing) -> io::Result<()> {
         match item {
             Outgoing::Message(m) => {
                 self.scratch.clear();
@@ -195,12 +233,19 @@ impl PeerWriter {
         }
     }
 
-    pub async fn flush(&mut self) -> io::Result<()> {
-        self.wr.flush().await
+    pub async fn flush(&mut self) -> Result<(), PeerIoError> {
+        tokio::time::timeout(WRITE_TIMEOUT, self.wr.flush())
+            .await
+            .map_err(|_| PeerIoError::WriteTimeout(WRITE_TIMEOUT))?
+            .map_err(PeerIoError::Io)
     }
 
+    /// Flushes what is buffered (bounded by `WRITE_TIMEOUT`) and closes our half.
     pub async fn shutdown(&mut self) {
-        let _ = self.wr.flush().await;
-        let _ = self.wr.shutdown().await;
+        let close = async {
+            let _ = self.wr.flush().await;
+            let _ = self.wr.shutdown().await;
+        };
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, close).await;
     }
 }

@@ -1,7 +1,9 @@
 //! A token bucket shared by the connections of one torrent (`--upload-rate`, `--download-rate`).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub struct RateLimiter {
     rate: f64,

@@ -1,0 +1,949 @@
+//! One torrent's shared state, changed only through the named transitions below ("peer joined",
+//! "block arrived", "piece verified", "read wants these pieces", "peer left", ...). No I/O and no
+//! clock here: the torrent calls these under its lock, with `now`, and does the I/O itself. A
+//! transition may queue commands to peer tasks (a non-blocking channel send).
+//!
+//! # The invariant
+//! We *hold* a piece (it is in the picker's `have`) iff it is in the cache or on disk. Only held
+//! pieces are announced, uploaded or returned to readers. The places that can break it are the
+//! ones that add a piece (`piece_verified`, `cache_from_disk`) and the ones that evict
+//! (`evicted`, through every cache insert and unpin); `check_invariants` verifies it (in debug
+//! builds: after every transition in unit tests, once a second otherwise).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::cache::PieceCache;
+use crate::core::choker::{Choker, ChokerConfig, PeerSample};
+use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
+use crate::core::peer_proto::Command;
+use crate::core::picker::{BlockOutcome, PeerKey, Picker};
+
+/// Strike points before a peer is banned: a failed piece it sent alone costs 2, one it shared
+/// with other peers 1 (the bad blocks may be someone else's), so three sole failures ban it
+/// and an honest peer caught beside a corrupt one lasts twice as long.
+const MAX_STRIKES: u32 = 6;
+const SOLE_STRIKE: u32 = 2;
+const SHARED_STRIKE: u32 = 1;
+/// Blocks outstanding at one peer longer than this go to other peers.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections being opened at once.
+const MAX_HALF_OPEN: usize = 8;
+/// Bounds on what a long session remembers about peers it no longer talks to.
+const MAX_KNOWN_ADDRS: usize = 10_000;
+const MAX_CANDIDATES: usize = 2_000;
+const MAX_BANNED: usize = 4_096;
+const MAX_GONE_TOTALS: usize = 1_024;
+/// The first readahead window of a new sequential stream.
+const INITIAL_WINDOW: u64 = 2 << 20;
+/// A read this close after the previous one's end still counts as sequential.
+const SEQUENTIAL_SLACK: u64 = 1 << 20;
+/// Deadline of the first piece of a read, and the step between later ones.
+const URGENT_DEADLINE: Duration = Duration::from_millis(300);
+const DEADLINE_STEP: Duration = Duration::from_millis(50);
+
+/// What the state needs to know of the torrent's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct StateConfig {
+    pub lengths: Lengths,
+    pub cache_size: u64,
+    pub max_peers: usize,
+    /// Fetch every piece (download, seed), not only what readers want.
+    pub fetch_all: bool,
+    pub has_store: bool,
+    /// The largest readahead window of a sequential reader, in bytes.
+    pub max_window: u64,
+    pub our_peer_id: [u8; 20],
+    pub listen_port: u16,
+    pub seed: u64,
+}
+
+struct PeerEntry {
+    addr: SocketAddr,
+    peer_id: [u8; 20],
+    tx: mpsc::UnboundedSender<Command>,
+    /// Cancelled to drop the connection (a ban, or the torrent shutting down).
+    cancel: CancellationToken,
+    connected_at: Instant,
+    peer_interested: bool,
+    /// The choker's decision; the peer task puts it on the wire.
+    unchoked: bool,
+    downloaded: u64,
+    uploaded: u64,
+    download_rate: u64,
+    upload_rate: u64,
+    last_block_at: Option<Instant>,
+    strikes: u32,
+    is_seed: bool,
+}
+
+/// A sequential reader's readahead window (one per open file handle).
+#[derive(Debug, Clone, Copy)]
+struct ReadStream {
+    next_offset: u64,
+    window: u64,
+    /// End of the file this stream reads (the window never crosses it).
+    end: u64,
+}
+
+pub type StreamId = u64;
+
+/// What `piece_failed` decided, for logging.
+pub(crate) struct Banned {
+    pub addr: SocketAddr,
+}
+
+/// Totals for progress lines and the mount's attributes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerTotals {
+    pub down_rate: u64,
+    pub up_rate: u64,
+    pub peers: usize,
+    pub seeds: usize,
+}
+
+pub(crate) struct State {
+    cfg: StateConfig,
+    picker: Picker,
+    cache: PieceCache,
+    /// Buffers of pieces being downloaded, until they are hashed.
+    partial: HashMap<u32, Vec<u8>>,
+    peers: HashMap<PeerKey, PeerEntry>,
+    choker: Choker,
+    next_peer_key: PeerKey,
+    /// Addresses learned and not yet tried (deduplicated with `known`).
+    candidates: VecDeque<SocketAddr>,
+    known: LruCache<SocketAddr, ()>,
+    connecting: usize,
+    /// Peers banned for corrupt data, by address and by peer id (on loopback every peer shares
+    /// an IP, so an IP ban would be too wide).
+    banned_addrs: LruCache<SocketAddr, ()>,
+    banned_ids: LruCache<[u8; 20], ()>,
+    /// Pieces verified on disk (with a data dir): they survive cache eviction.
+    on_disk: Bitfield,
+    store_failed: bool,
+    streams: HashMap<StreamId, ReadStream>,
+    next_stream: StreamId,
+    /// Pieces each waiting read needs, counted, so deadlines are cleared when the last reader
+    /// of a piece is gone.
+    read_waiters: HashMap<u32, u32>,
+    /// Bytes received from peers that have disconnected, by peer id (with their last address).
+    received_from_gone: LruCache<[u8; 20], (SocketAddr, u64)>,
+    /// Run `check_invariants` after every transition (unit tests).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    check_each_call: bool,
+}
+
+fn bounded<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
+    LruCache::new(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))
+}
+
+impl State {
+    pub fn new(cfg: StateConfig, on_disk: Bitfield) -> State {
+        let mut picker = Picker::with_have(cfg.lengths, &on_disk, cfg.seed);
+        picker.set_background(cfg.fetch_all || cfg.has_store);
+        State {
+            picker,
+            cache: PieceCache::new(cfg.cache_size),
+            partial: HashMap::new(),
+            peers: HashMap::new(),
+            choker: Choker::new(ChokerConfig::default(), cfg.seed ^ 0x5eed),
+            next_peer_key: 1,
+            candidates: VecDeque::new(),
+            known: bounded(MAX_KNOWN_ADDRS),
+            connecting: 0,
+            banned_addrs: bounded(MAX_BANNED),
+            banned_ids: bounded(MAX_BANNED),
+            on_disk,
+            store_failed: false,
+            streams: HashMap::new(),
+            next_stream: 1,
+            read_waiters: HashMap::new(),
+            received_from_gone: bounded(MAX_GONE_TOTALS),
+            check_each_call: cfg!(test),
+            cfg,
+        }
+    }
+
+    // ---- views ----
+
+    pub fn have(&self) -> &Bitfield {
+        self.picker.have()
+    }
+
+    pub fn has(&self, piece: PieceIndex) -> bool {
+        self.picker.has(piece)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.picker.is_complete()
+    }
+
+    pub fn bytes_left(&self) -> u64 {
+        let l = &self.cfg.lengths;
+        l.pieces()
+            .filter(|p| !self.picker.has(*p))
+            .map(|p| l.piece_len(p) as u64)
+            .sum()
+    }
+
+    pub fn cache_used(&self) -> u64 {
+        self.cache.used()
+    }
+
+    pub fn store_failed(&self) -> bool {
+        self.store_failed
+    }
+
+    pub fn peer_totals(&self) -> PeerTotals {
+        PeerTotals {
+            down_rate: self.peers.values().map(|p| p.download_rate).sum(),
+            up_rate: self.peers.values().map(|p| p.upload_rate).sum(),
+            peers: self.peers.len(),
+            seeds: self.peers.values().filter(|p| p.is_seed).count(),
+        }
+    }
+
+    /// Bytes received from each peer (connected or gone) by peer id, with its last address.
+    pub fn received_by_peer(&self) -> Vec<([u8; 20], SocketAddr, u64)> {
+        let mut all: HashMap<[u8; 20], (SocketAddr, u64)> = self
+            .received_from_gone
+            .iter()
+            .map(|(id, v)| (*id, *v))
+            .collect();
+        for p in self.peers.values() {
+            let e = all.entry(p.peer_id).or_insert((p.addr, 0));
+            e.0 = p.addr;
+            e.1 += p.downloaded;
+        }
+        let mut v: Vec<_> = all.into_iter().map(|(id, (a, n))| (id, a, n)).collect();
+        v.sort();
+        v
+    }
+
+    fn broadcast(&self, c: &Command) {
+        for p in self.peers.values() {
+            let _ = p.tx.send(c.clone());
+        }
+    }
+
+    /// New work may be available: every peer tops up its requests.
+    pub fn wake_peers(&self) {
+        self.broadcast(&Command::Fill);
+    }
+
+    fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if self.check_each_call {
+            self.check_invariants();
+        }
+    }
+
+    /// Panics if the state is inconsistent (debug builds only).
+    #[cfg(debug_assertions)]
+    pub fn check_invariants(&self) {
+        for p in self.cfg.lengths.pieces() {
+            let i = p.get();
+            let stored = self.cache.contains(i) || self.on_disk.get(i);
+            assert_eq!(
+                self.picker.has(p),
+                stored,
+                "piece {i}: held must equal cached or on disk"
+            );
+            assert!(
+                !(self.picker.has(p) && self.partial.contains_key(&i)),
+                "piece {i}: held pieces have no download buffer"
+            );
+        }
+        assert!(self.read_waiters.values().all(|&n| n > 0));
+        assert!(self.peers.keys().all(|&k| k < self.next_peer_key));
+        assert!(self.peers.len() <= self.cfg.max_peers);
+        assert!(self.candidates.len() <= MAX_CANDIDATES);
+    }
+
+    // ---- connections ----
+
+    /// A peer address from a tracker, `--peer` or the listener's view; ignored if known,
+    /// banned or ourselves.
+    pub fn add_candidate(&mut self, addr: SocketAddr) {
+        if self.banned_addrs.contains(&addr) || self.known.contains(&addr) {
+            return;
+        }
+        if addr.port() == self.cfg.listen_port && addr.ip().is_loopback() {
+            return; // ourselves, as a tracker may list us
+        }
+        if self.candidates.len() >= MAX_CANDIDATES {
+            return;
+        }
+        self.known.put(addr, ());
+        self.candidates.push_back(addr);
+    }
+
+    /// Lets a known address be tried again (explicit `--peer`s after a disconnect).
+    pub fn requeue(&mut self, addr: SocketAddr) {
+        let connected = self.peers.values().any(|p| p.addr == addr);
+        if !connected && !self.candidates.contains(&addr) && !self.banned_addrs.contains(&addr) {
+            self.known.put(addr, ());
+            self.candidates.push_back(addr);
+        }
+    }
+
+    /// The next address to connect to, if there is room for another connection.
+    pub fn start_connect(&mut self) -> Option<SocketAddr> {
+        while self.peers.len() + self.connecting < self.cfg.max_peers
+            && self.connecting < MAX_HALF_OPEN
+        {
+            let addr = self.candidates.pop_front()?;
+            if self.peers.values().any(|p| p.addr == addr) {
+                continue;
+            }
+            self.connecting += 1;
+            return Some(addr);
+        }
+        None
+    }
+
+    pub fn connect_finished(&mut self) {
+        self.connecting = self.connecting.saturating_sub(1);
+    }
+
+    /// A connected peer joins; None if we must not keep it (banned, self, duplicate, full).
+    /// Returns its key and what we hold now (the peer's opening bitfield).
+    pub fn peer_joined(
+        &mut self,
+        addr: SocketAddr,
+        peer_id: [u8; 20],
+        tx: mpsc::UnboundedSender<Command>,
+        cancel: CancellationToken,
+        now: Instant,
+    ) -> Option<(PeerKey, Bitfield)> {
+        if peer_id == self.cfg.our_peer_id
+            || self.banned_addrs.contains(&addr)
+            || self.banned_ids.contains(&peer_id)
+            || self.peers.values().any(|p| p.peer_id == peer_id)
+            || self.peers.len() >= self.cfg.max_peers
+        {
+            return None;
+        }
+        let key = self.next_peer_key;
+        self.next_peer_key += 1;
+        self.peers.insert(
+            key,
+            PeerEntry {
+                addr,
+                peer_id,
+                tx,
+                cancel,
+                connected_at: now,
+                peer_interested: false,
+                unchoked: false,
+                downloaded: 0,
+                uploaded: 0,
+                download_rate: 0,
+                upload_rate: 0,
+                last_block_at: None,
+                strikes: 0,
+                is_seed: false,
+            },
+        );
+        self.debug_check();
+        Some((key, self.picker.have().clone()))
+    }
+
+    /// A peer's connection ended: its pieces no longer count, its requests go to others.
+    pub fn peer_left(&mut self, key: PeerKey, bitfield: &Bitfield) {
+        if let Some(p) = self.peers.remove(&key) {
+            let total = self
+                .received_from_gone
+                .get(&p.peer_id)
+                .map_or(0, |(_, n)| *n);
+            self.received_from_gone
+                .put(p.peer_id, (p.addr, total + p.downloaded));
+        }
+        self.picker.peer_gone(key, bitfield);
+        self.choker.peer_gone(key);
+        self.wake_peers();
+        self.debug_check();
+    }
+
+    pub fn peer_has(&mut self, piece: PieceIndex) {
+        self.picker.peer_has(piece);
+    }
+
+    pub fn peer_bitfield(&mut self, bitfield: &Bitfield) {
+        self.picker.peer_has_bitfield(bitfield);
+    }
+
+    pub fn peer_is_seed(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.is_seed = true;
+        }
+    }
+
+    /// The peer task's rates after a tick; `uploaded` is the block bytes sent since the last.
+    pub fn peer_rates(&mut self, key: PeerKey, download: u64, upload: u64, uploaded: u64) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.download_rate = download;
+            p.upload_rate = upload;
+            p.uploaded += uploaded;
+        }
+    }
+
+    fn samples(&self) -> Vec<PeerSample> {
+        self.peers
+            .iter()
+            .map(|(k, p)| PeerSample {
+                peer: *k,
+                interested: p.peer_interested,
+                download_rate: p.download_rate,
+                upload_rate: p.upload_rate,
+                connected_at: p.connected_at,
+                last_block_received: p.last_block_at,
+                unchoked: p.unchoked,
+            })
+            .collect()
+    }
+
+    fn set_unchoked(&mut self, key: PeerKey, unchoked: bool) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            if p.unchoked != unchoked {
+                p.unchoked = unchoked;
+                let c = if unchoked {
+                    Command::Unchoke
+                } else {
+                    Command::Choke
+                };
+                let _ = p.tx.send(c);
+            }
+        }
+    }
+
+    /// A peer's interest in us changed: unchoke it at once if a slot is free.
+    pub fn peer_interested(&mut self, key: PeerKey, interested: bool, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.peer_interested = interested;
+        }
+        if interested {
+            let samples = self.samples();
+            if self.choker.on_interested(now, key, &samples) {
+                self.set_unchoked(key, true);
+            }
+        }
+    }
+
+    /// The periodic choke round (the choker decides whether one is due).
+    pub fn choke_round(&mut self, now: Instant) {
+        let samples = self.samples();
+        let seeding = self.picker.is_complete();
+        if let Some(decision) = self.choker.tick(now, &samples, seeding) {
+            let unchoke: HashSet<PeerKey> = decision.unchoke.iter().copied().collect();
+            let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+            for k in keys {
+                self.set_unchoked(k, unchoke.contains(&k));
+            }
+        }
+    }
+
+    // ---- requests ----
+
+    /// Up to `max` blocks for `key` to request.
+    pub fn pick(
+        &mut self,
+        key: PeerKey,
+        bitfield: &Bitfield,
+        max: usize,
+        now: Instant,
+    ) -> Vec<BlockRef> {
+        let blocks = self.picker.pick(key, bitfield, max, now);
+        self.debug_check();
+        blocks
+    }
+
+    pub fn block_rejected(&mut self, key: PeerKey, block: BlockRef) {
+        self.picker.block_rejected(key, block);
+        self.wake_peers();
+    }
+
+    pub fn peer_choked_us(&mut self, key: PeerKey) {
+        if !self.picker.peer_choked(key).is_empty() {
+            self.wake_peers();
+        }
+    }
+
+    /// Requests outstanding too long go back to the pool; their peers hear of it.
+    pub fn expire_requests(&mut self, now: Instant) {
+        let expired = self.picker.expire_requests(now, REQUEST_TIMEOUT);
+        if !expired.is_empty() {
+            log::debug!("{} requests timed out", expired.len());
+            let mut by_peer: HashMap<PeerKey, Vec<BlockRef>> = HashMap::new();
+            for (k, b) in expired {
+                by_peer.entry(k).or_default().push(b);
+            }
+            for (k, blocks) in by_peer {
+                if let Some(p) = self.peers.get(&k) {
+                    let _ = p.tx.send(Command::Expired(blocks));
+                }
+            }
+        }
+        self.update_background();
+        self.wake_peers();
+    }
+
+    /// A block arrived from `key`. Returns the piece's buffer when it completed it (to hash).
+    /// Peers that also had the block in flight are told to cancel it.
+    pub fn block_arrived(
+        &mut self,
+        key: PeerKey,
+        block: BlockRef,
+        data: &[u8],
+        now: Instant,
+    ) -> BlockArrival {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.downloaded += data.len() as u64;
+            p.last_block_at = Some(now);
+        }
+        let outcome = self.picker.block_received(key, block, now);
+        let BlockOutcome::Accepted {
+            piece_complete,
+            cancel,
+        } = outcome
+        else {
+            return BlockArrival::Unwanted;
+        };
+        let Some(piece) = self.cfg.lengths.piece(block.piece) else {
+            return BlockArrival::Unwanted;
+        };
+        let plen = self.cfg.lengths.piece_len(piece) as usize;
+        let buf = self
+            .partial
+            .entry(block.piece)
+            .or_insert_with(|| vec![0u8; plen]);
+        let start = block.offset as usize;
+        if let Some(dst) = buf.get_mut(start..start + data.len()) {
+            dst.copy_from_slice(data);
+        }
+        for k in cancel {
+            if let Some(p) = self.peers.get(&k) {
+                let _ = p.tx.send(Command::Cancel(block));
+            }
+        }
+        let done = if piece_complete {
+            match self.partial.remove(&block.piece) {
+                Some(buf) => BlockArrival::PieceComplete(piece, buf),
+                None => BlockArrival::Accepted,
+            }
+        } else {
+            BlockArrival::Accepted
+        };
+        self.debug_check();
+        done
+    }
+
+    // ---- verification ----
+
+    /// The piece's hash matched; `on_disk` if it was written to the data dir.
+    pub fn piece_verified(&mut self, piece: PieceIndex, data: Bytes, on_disk: bool) {
+        self.picker.piece_verified(piece);
+        if on_disk {
+            self.on_disk.set(piece.get(), true);
+        }
+        // Pieces a reader waits for go to the cache even when on disk: the reader copies from it.
+        let evicted = self.cache.insert(piece.get(), data);
+        self.broadcast(&Command::Have(piece.get()));
+        self.evicted(&evicted);
+        self.update_background();
+        self.debug_check();
+    }
+
+    /// The piece failed its hash check: fetched again; returns the peers this banned.
+    pub fn piece_failed(&mut self, piece: PieceIndex) -> (usize, Vec<Banned>) {
+        let contributors = self.picker.piece_failed(piece);
+        let points = if contributors.len() == 1 {
+            SOLE_STRIKE
+        } else {
+            SHARED_STRIKE
+        };
+        let mut banned = Vec::new();
+        for k in &contributors {
+            let Some(p) = self.peers.get_mut(k) else {
+                continue;
+            };
+            let before = p.strikes;
+            p.strikes += points;
+            // Only when crossing the limit: pieces still in flight may fail again later.
+            if before < MAX_STRIKES && p.strikes >= MAX_STRIKES {
+                p.cancel.cancel();
+                let (addr, id) = (p.addr, p.peer_id);
+                self.banned_addrs.put(addr, ());
+                self.banned_ids.put(id, ());
+                banned.push(Banned { addr });
+            }
+        }
+        self.wake_peers();
+        self.debug_check();
+        (contributors.len(), banned)
+    }
+
+    pub fn set_store_failed(&mut self) {
+        self.store_failed = true;
+        self.update_background();
+    }
+
+    // ---- piece data ----
+
+    /// Verified data from the cache; `touch` marks it recently used (readers do, uploads not).
+    pub fn cached_piece(&mut self, piece: PieceIndex, touch: bool) -> Option<Bytes> {
+        if touch {
+            self.cache.get(piece.get())
+        } else {
+            self.cache.peek(piece.get())
+        }
+    }
+
+    pub fn is_on_disk(&self, piece: PieceIndex) -> bool {
+        self.on_disk.get(piece.get())
+    }
+
+    /// A held piece read back from disk goes to the cache.
+    pub fn cache_from_disk(&mut self, piece: PieceIndex, data: Bytes) {
+        if !self.on_disk.get(piece.get()) {
+            return;
+        }
+        let evicted = self.cache.insert(piece.get(), data);
+        self.evicted(&evicted);
+        self.debug_check();
+    }
+
+    /// Pieces evicted from the cache that are not on disk are no longer held.
+    fn evicted(&mut self, evicted: &[u32]) {
+        for &e in evicted {
+            if self.on_disk.get(e) {
+                continue;
+            }
+            if let Some(p) = self.cfg.lengths.piece(e) {
+                self.picker.piece_lost(p);
+                self.broadcast(&Command::Lost(e));
+            }
+        }
+    }
+
+    /// Whether to fetch pieces nobody is reading: always for download/seed and with a working
+    /// data dir; otherwise only while the cache has room.
+    fn update_background(&mut self) {
+        let on = self.cfg.fetch_all
+            || (self.cfg.has_store && !self.store_failed)
+            || self.cache.has_room(self.cfg.lengths.piece_length() as u64);
+        self.picker.set_background(on);
+    }
+
+    // ---- reads ----
+
+    /// Opens a readahead stream for a file spanning `[start, end)` of the torrent.
+    pub fn open_stream(&mut self, start: u64, end: u64) -> StreamId {
+        let id = self.next_stream;
+        self.next_stream += 1;
+        self.streams.insert(
+            id,
+            ReadStream {
+                next_offset: start,
+                window: 0,
+                end,
+            },
+        );
+        id
+    }
+
+    pub fn close_stream(&mut self, id: StreamId) {
+        self.streams.remove(&id);
+        self.apply_readahead();
+    }
+
+    /// A read of `[offset, end)` starts: its pieces are pinned, the missing ones get deadlines,
+    /// the stream's readahead window moves. Returns the pieces still missing. Every call must be
+    /// matched by `read_done` with the same pieces.
+    pub fn read_wants(
+        &mut self,
+        stream: Option<StreamId>,
+        offset: u64,
+        end: u64,
+        pieces: &[PieceIndex],
+        now: Instant,
+    ) -> Vec<PieceIndex> {
+        if let Some(s) = stream.and_then(|id| self.streams.get_mut(&id)) {
+            let max = self.cfg.max_window;
+            let sequential = offset >= s.next_offset && offset - s.next_offset < SEQUENTIAL_SLACK;
+            s.window = if !sequential {
+                0 // a seek: start over small
+            } else if s.window == 0 {
+                INITIAL_WINDOW.min(max)
+            } else {
+                (s.window * 2).min(max)
+            };
+            s.next_offset = end;
+        }
+        let mut missing = Vec::new();
+        for (i, &p) in pieces.iter().enumerate() {
+            self.cache.pin(p.get());
+            *self.read_waiters.entry(p.get()).or_insert(0) += 1;
+            if !self.picker.has(p) {
+                let deadline = now + URGENT_DEADLINE + DEADLINE_STEP * i as u32;
+                self.picker.set_deadline(p, deadline);
+                missing.push(p);
+            }
+        }
+        self.apply_readahead();
+        if !missing.is_empty() {
+            self.wake_peers();
+        }
+        self.debug_check();
+        missing
+    }
+
+    /// The read that `read_wants` started is over (answered, failed or dropped).
+    pub fn read_done(&mut self, pieces: &[PieceIndex]) {
+        for &p in pieces {
+            let evicted = self.cache.unpin(p.get());
+            self.evicted(&evicted);
+            let last = match self.read_waiters.get_mut(&p.get()) {
+                Some(n) => {
+                    *n -= 1;
+                    *n == 0
+                }
+                None => true,
+            };
+            if last {
+                self.read_waiters.remove(&p.get());
+                self.picker.clear_deadline(p);
+            }
+        }
+        self.debug_check();
+    }
+
+    fn apply_readahead(&mut self) {
+        let mut pieces: Vec<PieceIndex> = Vec::new();
+        for s in self.streams.values() {
+            let end = s.next_offset.saturating_add(s.window).min(s.end);
+            if s.window == 0 || end <= s.next_offset {
+                continue;
+            }
+            for i in self
+                .cfg
+                .lengths
+                .pieces_for_range(s.next_offset, end - s.next_offset)
+            {
+                if let Some(p) = self.cfg.lengths.piece(i) {
+                    if !self.picker.has(p) && !pieces.contains(&p) {
+                        pieces.push(p);
+                    }
+                }
+            }
+        }
+        self.picker.set_readahead(&pieces);
+    }
+
+    pub fn disconnect_all(&self) {
+        for p in self.peers.values() {
+            p.cancel.cancel();
+        }
+    }
+}
+
+/// What `block_arrived` decided.
+pub(crate) enum BlockArrival {
+    /// Not needed (a duplicate, or a piece we have): wasted bytes.
+    Unwanted,
+    Accepted,
+    /// The block completed this piece: hash the buffer.
+    PieceComplete(PieceIndex, Vec<u8>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::layout::BLOCK_SIZE;
+
+    const PIECE: u32 = 2 * BLOCK_SIZE;
+
+    fn state(pieces: u32, cache_pieces: u64, on_disk: &str) -> State {
+        let lengths = Lengths::new(pieces as u64 * PIECE as u64, PIECE, pieces as u64).unwrap();
+        let mut bf = Bitfield::new(pieces);
+        for (i, c) in on_disk.chars().enumerate() {
+            bf.set(i as u32, c == '#');
+        }
+        State::new(
+            StateConfig {
+                lengths,
+                cache_size: cache_pieces * PIECE as u64,
+                max_peers: 4,
+                fetch_all: false,
+                has_store: on_disk.contains('#'),
+                max_window: 4 * PIECE as u64,
+                our_peer_id: [1; 20],
+                listen_port: 6881,
+                seed: 7,
+            },
+            bf,
+        )
+    }
+
+    fn join(st: &mut State, id: u8) -> (PeerKey, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let addr: SocketAddr = format!("127.0.0.1:{}", 1000 + id as u16).parse().unwrap();
+        let (key, _) = st
+            .peer_joined(addr, [id; 20], tx, CancellationToken::new(), Instant::now())
+            .unwrap();
+        (key, rx)
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Command>) -> Vec<Command> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// Delivers every block of `piece` from `key` and verifies it.
+    fn fetch(st: &mut State, key: PeerKey, piece: u32) {
+        let p = st.cfg.lengths.piece(piece).unwrap();
+        let mut bf = Bitfield::new(st.cfg.lengths.piece_count());
+        bf.set(piece, true);
+        let now = Instant::now();
+        let blocks = st.pick(key, &bf, 2, now);
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        let mut buf = None;
+        for b in blocks {
+            if let BlockArrival::PieceComplete(q, data) =
+                st.block_arrived(key, b, &vec![0; b.length as usize], now)
+            {
+                assert_eq!(q, p);
+                buf = Some(data);
+            }
+        }
+        st.piece_verified(p, Bytes::from(buf.unwrap()), false);
+    }
+
+    #[test]
+    fn evicted_pieces_are_no_longer_held_and_peers_hear_it() {
+        let mut st = state(4, 1, "....");
+        let (k, mut rx) = join(&mut st, 2);
+        let pieces: Vec<PieceIndex> = (0..2).map(|i| st.cfg.lengths.piece(i).unwrap()).collect();
+        st.read_wants(None, 0, PIECE as u64, &pieces[..1], Instant::now());
+        fetch(&mut st, k, 0);
+        st.read_done(&pieces[..1]);
+        assert!(st.has(pieces[0]));
+        drain(&mut rx);
+        st.read_wants(
+            None,
+            PIECE as u64,
+            2 * PIECE as u64,
+            &pieces[1..],
+            Instant::now(),
+        );
+        fetch(&mut st, k, 1);
+        st.read_done(&pieces[1..]);
+        // A one-piece cache: piece 0 was evicted when piece 1 arrived.
+        assert!(!st.has(pieces[0]) && st.has(pieces[1]));
+        let cmds = drain(&mut rx);
+        assert!(cmds.contains(&Command::Have(1)), "{cmds:?}");
+        assert!(cmds.contains(&Command::Lost(0)), "{cmds:?}");
+    }
+
+    #[test]
+    fn pieces_on_disk_stay_held_when_evicted() {
+        let mut st = state(3, 0, "##.");
+        let p0 = st.cfg.lengths.piece(0).unwrap();
+        st.cache_from_disk(p0, Bytes::from(vec![0; PIECE as usize]));
+        let p1 = st.cfg.lengths.piece(1).unwrap();
+        st.cache_from_disk(p1, Bytes::from(vec![0; PIECE as usize]));
+        assert!(st.has(p0) && st.has(p1));
+        // Not on disk: refused, so the invariant holds.
+        let p2 = st.cfg.lengths.piece(2).unwrap();
+        st.cache_from_disk(p2, Bytes::from(vec![0; PIECE as usize]));
+        assert!(!st.has(p2));
+    }
+
+    #[test]
+    fn a_read_pins_its_pieces_until_done() {
+        let mut st = state(4, 1, "....");
+        let (k, _rx) = join(&mut st, 2);
+        let p: Vec<PieceIndex> = (0..4).map(|i| st.cfg.lengths.piece(i).unwrap()).collect();
+        let missing = st.read_wants(None, 0, 2 * PIECE as u64, &p[..2], Instant::now());
+        assert_eq!(missing, p[..2].to_vec());
+        fetch(&mut st, k, 0);
+        fetch(&mut st, k, 1);
+        // Both pinned: held although the cache has room for one.
+        assert!(st.has(p[0]) && st.has(p[1]));
+        st.read_done(&p[..2]);
+        assert_eq!(
+            st.have().count_ones(),
+            1,
+            "unpinning evicted down to the budget"
+        );
+    }
+
+    #[test]
+    fn strikes_ban_a_peer_that_sends_three_bad_pieces_alone() {
+        let mut st = state(4, 4, "....");
+        st.picker.set_background(true);
+        let (k, _rx) = join(&mut st, 2);
+        let bf = Bitfield::full(4);
+        st.peer_bitfield(&bf);
+        for round in 0..3 {
+            let now = Instant::now();
+            let blocks = st.pick(k, &bf, 2, now);
+            let mut done = None;
+            for b in blocks {
+                if let BlockArrival::PieceComplete(p, _) =
+                    st.block_arrived(k, b, &vec![0; b.length as usize], now)
+                {
+                    done = Some(p);
+                }
+            }
+            let (_, banned) = st.piece_failed(done.unwrap());
+            assert_eq!(banned.len(), usize::from(round == 2), "round {round}");
+        }
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let again = st.peer_joined(
+            "127.0.0.1:1002".parse().unwrap(),
+            [9; 20],
+            tx,
+            CancellationToken::new(),
+            Instant::now(),
+        );
+        assert!(again.is_none(), "the banned address is refused");
+    }
+
+    #[test]
+    fn candidates_and_known_addresses_are_bounded() {
+        let mut st = state(1, 1, ".");
+        for i in 0..(MAX_KNOWN_ADDRS as u32 + 5_000) {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            st.add_candidate(SocketAddr::from((ip, 1)));
+        }
+        assert_eq!(st.candidates.len(), MAX_CANDIDATES);
+        assert!(st.known.len() <= MAX_KNOWN_ADDRS);
+        for i in 0..(MAX_GONE_TOTALS + 2000) {
+            let mut id = [0u8; 20];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let addr = SocketAddr::from(([127, 0, 0, 1], 2000 + (i % 60000) as u16));
+            let (k, _) = st
+                .peer_joined(addr, id, tx, CancellationToken::new(), Instant::now())
+                .unwrap();
+            st.peer_left(k, &Bitfield::new(1));
+        }
+        assert!(st.received_from_gone.len() <= MAX_GONE_TOTALS);
+    }
+
+    #[test]
+    fn interest_unchokes_at_once_when_a_slot_is_free() {
+        let mut st = state(2, 2, "##");
+        let (k, mut rx) = join(&mut st, 2);
+        st.peer_interested(k, true, Instant::now());
+        assert_eq!(drain(&mut rx), vec![Command::Unchoke]);
+    }
+}

@@ -1,0 +1,89 @@
+//! A torrent's timers and connector: once a second, choking, request expiry, new outgoing
+//! connections and tracker totals; between ticks, addresses from discovery (trackers, `--peer`)
+//! are connected to as they arrive. Every task it starts belongs to the torrent's task group.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::engine::peer;
+use crate::engine::tasks::Failure;
+use crate::engine::torrent::Torrent;
+
+/// Explicit `--peer`s are retried this often after a disconnect.
+const RETRY_EXPLICIT_EVERY: Duration = Duration::from_secs(5);
+
+impl Torrent {
+    /// Starts the announcer, the ticker and the connector on the current runtime.
+    pub fn start(self: &Arc<Self>) {
+        let (peers_tx, peers_rx) = mpsc::unbounded_channel();
+        self.start_announcer(peers_tx.clone());
+        for p in &self.cfg.peers {
+            let _ = peers_tx.send(*p);
+        }
+        let t = self.clone();
+        self.tasks.spawn("ticker", Failure::Serious, async move {
+            t.run_ticker(peers_rx).await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+
+    async fn run_ticker(self: Arc<Self>, mut peers_rx: mpsc::UnboundedReceiver<SocketAddr>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retry_explicit = Instant::now();
+        // Without trackers every sender is gone at once; a closed channel must not spin.
+        let mut discovery_open = true;
+        loop {
+            tokio::select! {
+                addr = peers_rx.recv(), if discovery_open => {
+                    match addr {
+                        Some(addr) => {
+                            self.lock().add_candidate(addr);
+                            self.connect_more();
+                        }
+                        None => discovery_open = false,
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            {
+                let mut st = self.lock();
+                st.choke_round(now.into_std());
+                st.expire_requests(now.into_std());
+                if now.duration_since(retry_explicit) >= RETRY_EXPLICIT_EVERY {
+                    retry_explicit = now;
+                    for p in &self.cfg.peers {
+                        st.requeue(*p);
+                    }
+                }
+                #[cfg(debug_assertions)]
+                st.check_invariants();
+            }
+            self.connect_more();
+            self.publish_totals();
+            // Evicted pieces leave 256 KiB holes in the heap that glibc keeps resident; give
+            // them back so resident memory follows the cache budget. Cheap once a second.
+            // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
+    fn connect_more(self: &Arc<Self>) {
+        loop {
+            let Some(addr) = self.lock().start_connect() else {
+                return;
+            };
+            let t = self.clone();
+            self.tasks.spawn("peer-out", Failure::Routine, async move {
+                peer::connect_and_run(t, addr).await
+            });
+        }
+    }
+}
