@@ -11,6 +11,7 @@ use anyhow::Context;
 use crate::cli::size_arg;
 use crate::core::metainfo::Metainfo;
 use crate::core::units::format_size;
+use crate::engine::session::{Session, SessionConfig};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -33,6 +34,11 @@ pub struct SwarmArgs {
     /// Most peers connected at once for this torrent.
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub max_peers: usize,
+    /// Most incoming connections at once for the whole process (all torrents); more are closed
+    /// at once. Separate from --max-peers because a connection names its torrent only after
+    /// its handshake.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub max_incoming: usize,
     /// Do not use the DHT (swarmfs has no DHT yet, so this is the behaviour either way).
     #[arg(long)]
     pub no_dht: bool,
@@ -51,6 +57,12 @@ impl SwarmArgs {
             out.extend(addrs.into_iter().next());
         }
         Ok(out)
+    }
+
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            max_incoming: self.max_incoming.max(1),
+        }
     }
 
     pub fn apply(&self, cfg: &mut TorrentConfig) -> anyhow::Result<()> {
@@ -147,12 +159,12 @@ pub async fn termination_signal() {
 /// Binds the listener, prints where it listens, and adds the torrent (verifying its data dir):
 /// the start shared by `seed` and `download`.
 pub async fn join_swarm(
-    listen: Option<SocketAddr>,
+    swarm: &SwarmArgs,
     meta: Arc<crate::core::metainfo::Metainfo>,
     cfg: TorrentConfig,
-) -> anyhow::Result<(crate::engine::session::Session, Arc<Torrent>)> {
-    let listener = crate::engine::session::bind_listener(listen).await?;
-    let session = crate::engine::session::Session::start(listener)?;
+) -> anyhow::Result<(Session, Arc<Torrent>)> {
+    let listener = crate::engine::session::bind_listener(swarm.listen).await?;
+    let session = Session::start_with(listener, swarm.session_config())?;
     announce_listen(session.listen_addr);
     let progress = verify_progress(meta.info.lengths.piece_count());
     let t = session.add_torrent(meta, cfg, progress).await?;

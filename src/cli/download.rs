@@ -31,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.swarm.apply(&mut cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let (session, t) = common::join_swarm(args.swarm.listen, meta.clone(), cfg).await?;
+        let (session, t) = common::join_swarm(&args.swarm, meta.clone(), cfg).await?;
         let started = Instant::now();
         let start_bytes = t.snapshot().downloaded;
         common::spawn_status_line(t.clone());

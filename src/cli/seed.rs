@@ -65,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.swarm.apply(&mut cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let (session, t) = common::join_swarm(args.swarm.listen, meta.clone(), cfg).await?;
+        let (session, t) = common::join_swarm(&args.swarm, meta.clone(), cfg).await?;
         let s = t.snapshot();
         println!(
             "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",

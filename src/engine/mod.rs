@@ -14,5 +14,7 @@ pub mod session;
 pub(crate) mod state;
 pub mod store;
 pub mod tasks;
+#[cfg(test)]
+mod tests;
 pub mod ticker;
 pub mod torrent;

@@ -26,6 +26,8 @@ use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 const MAX_UPLOAD_QUEUE: usize = 16 << 20;
 /// Bytes queued for one peer beyond which it is dropped: it is not reading.
 const MAX_SEND_QUEUE: usize = MAX_UPLOAD_QUEUE + (1 << 20);
+/// How long a closing connection may take to send what it has queued.
+const LINGER: Duration = Duration::from_secs(1);
 /// How often the state machine gets a tick (rates, keep-alives, idle check, pipeline top-up).
 const TICK_EVERY: Duration = Duration::from_secs(1);
 
@@ -41,6 +43,8 @@ pub enum PeerError {
     NotReading(usize),
     #[error("disconnected by us")]
     Dropped,
+    #[error("our writer ended")]
+    WriterGone,
 }
 
 pub async fn connect_and_run(t: Arc<Torrent>, addr: SocketAddr) -> Result<(), PeerError> {
@@ -86,40 +90,57 @@ pub async fn run(
         uploaded: uploaded.clone(),
         uploaded_since_tick: 0,
     };
-    let writer_done = write_loop(t.clone(), writer, out_rx, queued, uploaded);
-    tokio::pin!(writer_done);
-    let mut writer_finished = false;
-    let result = tokio::select! {
-        r = conn.run(reader, cmd_rx, &cancel) => r,
-        w = &mut writer_done => {
-            writer_finished = true;
-            w.map_err(PeerError::from).and(Err(PeerError::Dropped))
-        }
-    };
-    t.lock().peer_left(key, conn.proto.bitfield());
-    // Closing the queue lets the writer send what is left (bounded by its write timeout).
+    // The writer is its own task, so a blocked socket write never holds up reading. When it
+    // fails it cancels `writer_gone`, which ends the read loop; it is aborted if this task is
+    // dropped (cancelled), and otherwise given a moment to send what is left.
+    let writer_gone = CancellationToken::new();
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(
+        t.clone(),
+        writer,
+        out_rx,
+        queued,
+        uploaded,
+        writer_gone.clone(),
+    )));
+    let result = conn.run(reader, cmd_rx, &cancel, &writer_gone).await;
+    // Leaving the torrent and closing the queue happen when `conn` drops, also when this task
+    // is cancelled.
     drop(conn);
-    if !writer_finished {
-        let _ = writer_done.await;
-    }
+    let written = tokio::time::timeout(LINGER, &mut writer.0).await;
+    let result = match (result, written) {
+        (Err(PeerError::WriterGone), Ok(Ok(Err(e)))) => Err(e.into()),
+        (r, _) => r,
+    };
     if let Err(e) = &result {
         log::debug!("peer {addr}: {e}");
     }
     result
 }
 
+/// Aborts the task when dropped (the peer task was cancelled), so the writer never outlives it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
-/// Approximate bytes an item occupies on the wire (for the queue bound).
+/// Memory a queued item costs us, roughly: its payload plus the queue entry itself (so a flood
+/// of small messages is bounded by the memory it takes, not by its few bytes on the wire).
 fn outgoing_size(item: &Outgoing) -> usize {
-    match item {
-        Outgoing::Block { data, .. } => 13 + data.len(),
-        Outgoing::Message(Message::Bitfield(b)) => 5 + b.len(),
-        Outgoing::Message(Message::Extended { payload, .. }) => 6 + payload.len(),
-        Outgoing::Message(_) => 17,
-    }
+    const ENTRY: usize = 64;
+    ENTRY
+        + match item {
+            Outgoing::Block { data, .. } => data.len(),
+            Outgoing::Message(Message::Bitfield(b)) => b.len(),
+            Outgoing::Message(Message::Extended { payload, .. }) => payload.len(),
+            Outgoing::Message(_) => 0,
+        }
 }
 
 /// Writes queued messages and blocks; flushes when the queue runs dry.
@@ -129,7 +150,9 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
     uploaded: Arc<AtomicU64>,
+    gone: CancellationToken,
 ) -> Result<(), PeerIoError> {
+    let _gone = gone.drop_guard();
     while let Some(item) = rx.recv().await {
         let mut next = Some(item);
         let mut sent = 0u64;
@@ -175,6 +198,7 @@ impl Conn {
         mut reader: PeerReader,
         mut cmd_rx: mpsc::UnboundedReceiver<Command>,
         cancel: &CancellationToken,
+        writer_gone: &CancellationToken,
     ) -> Result<(), PeerError> {
         self.apply().await?; // the opening messages
         let mut tick = tokio::time::interval_at(Instant::now() + TICK_EVERY, TICK_EVERY);
@@ -188,6 +212,7 @@ impl Conn {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Err(PeerError::Dropped),
+                _ = writer_gone.cancelled() => return Err(PeerError::WriterGone),
                 cmd = cmd_rx.recv() => {
                     let Some(mut c) = cmd else {
                         return Err(PeerError::Dropped);
@@ -290,6 +315,12 @@ impl Conn {
                 Ok(())
             }
         }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.t.lock().peer_left(self.key, self.proto.bitfield());
     }
 }
 

@@ -748,6 +748,12 @@ impl State {
         self.picker.set_readahead(&pieces);
     }
 
+    /// Pieces some read is waiting for (tests check that reads release them).
+    #[cfg(test)]
+    pub fn reads_waiting(&self) -> usize {
+        self.read_waiters.len()
+    }
+
     pub fn disconnect_all(&self) {
         for p in self.peers.values() {
             p.cancel.cancel();

@@ -1,0 +1,262 @@
+//! Peers that misbehave, scripted by hand over TCP on 127.0.0.1 against the real binary: each
+//! test is an attack or an awkward-but-legal peer, and fails without the defence it covers.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use swarmfs::core::metainfo::Metainfo;
+use swarmfs::core::wire::{self, BlockRequest, Decode, Handshake, Message, HANDSHAKE_LEN};
+
+/// A watchdog, not a timing claim.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// One end of a peer connection, driven by the test.
+struct Scripted {
+    sock: TcpStream,
+    buf: BytesMut,
+}
+
+impl Scripted {
+    fn new(sock: TcpStream) -> Scripted {
+        sock.set_read_timeout(Some(WATCHDOG)).unwrap();
+        sock.set_nodelay(true).unwrap();
+        Scripted {
+            sock,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Answers an incoming handshake with a plain one (no fast, no extension bits).
+    fn accept_handshake(&mut self, peer_id: u8) -> Handshake {
+        let mut got = [0u8; HANDSHAKE_LEN];
+        self.sock.read_exact(&mut got).unwrap();
+        let theirs = Handshake::decode(&got).unwrap();
+        let mut ours = Handshake::new(theirs.info_hash, [peer_id; 20]);
+        ours.reserved = [0; 8];
+        self.sock.write_all(&ours.encode()).unwrap();
+        theirs
+    }
+
+    fn send(&mut self, m: &Message) {
+        let mut out = BytesMut::new();
+        wire::encode(m, &mut out);
+        self.sock.write_all(&out).unwrap();
+    }
+
+    /// The next message; None once the other side closed the connection.
+    fn recv(&mut self) -> Option<Message> {
+        loop {
+            if let Decode::Message(m) = wire::decode(&mut self.buf, 1 << 20).unwrap() {
+                return Some(m);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("watchdog: no message within {WATCHDOG:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn next_request(&mut self, who: &str) -> BlockRequest {
+        loop {
+            match self.recv() {
+                Some(Message::Request(r)) => return r,
+                Some(_) => {}
+                None => panic!("swarmfs closed its connection to peer {who}"),
+            }
+        }
+    }
+
+    fn serve(&mut self, content: &[u8], piece_length: u32, r: BlockRequest) {
+        let start = r.piece as usize * piece_length as usize + r.offset as usize;
+        let data = Bytes::copy_from_slice(&content[start..start + r.length as usize]);
+        self.send(&Message::Piece {
+            piece: r.piece,
+            offset: r.offset,
+            data,
+        });
+    }
+}
+
+fn listen() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+fn make_torrent(dir: &Path, len: usize, piece_length: &str) -> (Vec<u8>, Metainfo) {
+    let src = dir.join("src").join("blob");
+    write_file(&src, len, 42);
+    let torrent = dir.join("t.torrent");
+    create_torrent(&src, &torrent, &["--piece-length", piece_length]);
+    let meta = Metainfo::from_bytes(&std::fs::read(&torrent).unwrap()).unwrap();
+    (std::fs::read(&src).unwrap(), meta)
+}
+
+/// The defect: a peer that choked us with requests outstanding left them in our "requested"
+/// set; past 2,048 entries the whole set was cleared, and the next legitimate block looked
+/// unrequested, so the honest peer was dropped. Peer A (a seed) chokes us with 64 requests
+/// outstanding 32 times; after each choke peer B announces exactly those pieces and delivers
+/// them, so each round's requests to A are new. Then A serves honestly and must be kept until
+/// the download completes.
+#[test]
+fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let piece_length = 16 * 1024;
+    let pieces = 2048 + 512;
+    let (content, meta) = make_torrent(dir.path(), pieces * piece_length as usize, "16KiB");
+    let (la, addr_a) = listen();
+    let (lb, addr_b) = listen();
+    let out = dir.path().join("out");
+    let mut dl = download(
+        &dir.path().join("t.torrent"),
+        &out,
+        &dir.path().join("download.log"),
+        &["--peer", &addr_a.to_string(), "--peer", &addr_b.to_string()],
+    );
+    let mut a = Scripted::new(la.accept().unwrap().0);
+    let mut b = Scripted::new(lb.accept().unwrap().0);
+    assert_eq!(a.accept_handshake(b'a').info_hash, meta.info_hash.0);
+    b.accept_handshake(b'b');
+    a.send(&Message::Bitfield(Bytes::from(vec![0xff; pieces / 8])));
+    b.send(&Message::Unchoke); // B has nothing yet
+    for round in 0..32 {
+        a.send(&Message::Unchoke);
+        let asked: HashSet<BlockRequest> = (0..64).map(|_| a.next_request("A")).collect();
+        assert_eq!(asked.len(), 64, "round {round}: 64 distinct requests");
+        a.send(&Message::Choke);
+        for r in &asked {
+            b.send(&Message::Have(r.piece));
+        }
+        let mut left = asked;
+        while !left.is_empty() {
+            let r = b.next_request("B");
+            assert!(
+                left.remove(&r),
+                "B has only A's pieces, yet was asked for {r:?}"
+            );
+            b.serve(&content, piece_length, r);
+        }
+    }
+    // Now A serves everything honestly.
+    a.send(&Message::Unchoke);
+    let status = std::thread::scope(|s| {
+        s.spawn(|| {
+            while let Some(m) = a.recv() {
+                if let Message::Request(r) = m {
+                    a.serve(&content, piece_length, r);
+                }
+            }
+        });
+        dl.wait_exit(Duration::from_secs(120))
+    });
+    assert!(status.success(), "download failed: {}", dl.stderr());
+    let got = std::fs::read(out.join("blob")).unwrap();
+    assert!(got == content, "downloaded bytes equal the original");
+}
+
+/// A peer that floods us with requests while choked and never reads our answers made us queue
+/// rejects without bound. Now the send queue is bounded and such a peer is dropped.
+#[test]
+fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, meta) = make_torrent(dir.path(), 1 << 20, "16KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &[],
+    );
+    let sock = TcpStream::connect(addr).unwrap();
+    let mut p = Scripted::new(sock);
+    let hs = Handshake::new(meta.info_hash.0, [b'f'; 20]); // fast bit set: we get rejects
+    p.sock.write_all(&hs.encode()).unwrap();
+    // Never interested, so always choked: every request is answered with a reject.
+    let mut burst = BytesMut::new();
+    for i in 0..1_000_000u32 {
+        let r = BlockRequest {
+            piece: i % 64,
+            offset: 0,
+            length: 16 * 1024,
+        };
+        wire::encode(&Message::Request(r), &mut burst);
+    }
+    // Writing fails once swarmfs closes the connection, which is what we expect.
+    let _ = p.sock.write_all(&burst);
+    // Drain what was sent before the drop: the stream must end, not stay open. (Our side stays
+    // open for writing: closing it would end the connection from our end.)
+    let mut sink = Vec::new();
+    let ended = p.sock.read_to_end(&mut sink);
+    match ended {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            panic!("watchdog: swarmfs kept a peer that does not read ({WATCHDOG:?})")
+        }
+        Err(_) => {} // reset by peer: also closed
+    }
+}
+
+/// Incoming connections are capped before their handshake: past `--max-incoming` a new one is
+/// closed at once while the earlier ones stay open.
+#[test]
+fn incoming_connections_past_the_cap_are_closed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    make_torrent(dir.path(), 64 * 1024, "16KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &["--max-incoming", "2"],
+    );
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut third = TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(WATCHDOG)).unwrap();
+    let mut byte = [0u8; 1];
+    let n = third.read(&mut byte).unwrap_or(0);
+    assert_eq!(n, 0, "the connection past the cap is closed without a word");
+    // The first two are still open (they have not sent a handshake; its timeout is 10 s).
+    for mut s in held {
+        s.set_nonblocking(true).unwrap();
+        match s.read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a connection within the cap was closed: {other:?}"),
+        }
+    }
+}
+
+/// At most `MAX_HANDSHAKES` (32) connections may sit in their handshake at once.
+#[test]
+fn connections_stuck_in_their_handshake_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    make_torrent(dir.path(), 64 * 1024, "16KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &[],
+    );
+    let held: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut next = TcpStream::connect(addr).unwrap();
+    next.set_read_timeout(Some(WATCHDOG)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(next.read(&mut byte).unwrap_or(0), 0, "the 33rd is closed");
+    let mut open = 0;
+    for mut s in held {
+        s.set_nonblocking(true).unwrap();
+        if matches!(s.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 32, "the 32 in their handshake stay open");
+}
