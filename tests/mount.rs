@@ -515,3 +515,53 @@ fn a_full_data_dir_degrades_to_memory_and_reads_stay_correct() {
         m.proc.stderr()
     );
 }
+
+#[test]
+fn readdir_of_a_20000_file_directory_lists_every_name_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 20_000;
+    let root = tmp.path().join("src/many");
+    std::fs::create_dir_all(&root).unwrap();
+    // Long names of many lengths: about 3 MiB of entries, so the listing spans several of the
+    // kernel's readdir requests (up to 1 MiB each) and resumes mid-directory at uneven offsets.
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("{i:05}-{}", "n".repeat(i % 241)))
+        .collect();
+    for name in &names {
+        std::fs::write(root.join(name), b"x").unwrap();
+    }
+    let torrent = tmp.path().join("many.torrent");
+    create_torrent(&root, &torrent, &["--piece-length", "16KiB"]);
+    // Listing needs no piece data, so no seeder.
+    let mnt = tmp.path().join("mnt");
+    let mut m = Mount::start(&torrent, &mnt, &tmp.path().join("mount.log"), &[]);
+    let listed_dir = mnt.join("many");
+    let (listed, ls_order) = with_watchdog(Duration::from_secs(120), "listing", move || {
+        let mut listed: Vec<String> = std::fs::read_dir(&listed_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        listed.sort();
+        // `ls -f`: directory order, "." and ".." included.
+        let ls = run_ok(Command::new("ls").arg("-1f").arg(&listed_dir));
+        (listed, ls.lines().map(str::to_owned).collect::<Vec<_>>())
+    });
+    let mut expected = names;
+    expected.sort();
+    assert_eq!(listed.len(), n, "read_dir returned {} names", listed.len());
+    assert!(
+        listed == expected,
+        "read_dir names differ from the torrent's"
+    );
+    // Our order: ".", "..", then the names sorted byte-wise.
+    let dots = [".".to_string(), "..".to_string()];
+    assert!(
+        ls_order.len() == n + 2 && ls_order[..2] == dots && ls_order[2..] == expected[..],
+        "ls -f listed {} entries, first {:?}",
+        ls_order.len(),
+        &ls_order[..ls_order.len().min(4)]
+    );
+    m.unmount();
+    let status = m.proc.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit {status}: {}", m.proc.stderr());
+}

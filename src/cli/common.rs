@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cli::size_arg;
-use crate::core::metainfo::Metainfo;
+use crate::core::metainfo::{Metainfo, MetainfoError};
 use crate::core::units::format_size;
 use crate::engine::session::{Session, SessionConfig};
 use crate::engine::torrent::{Torrent, TorrentConfig};
@@ -75,11 +75,20 @@ impl SwarmArgs {
     }
 }
 
+/// Reads and parses the .torrent at `path` for every command (info, mount, seed, download):
+/// through [`Metainfo::from_file`], whose read stops at [`MAX_TORRENT_FILE_BYTES`], so
+/// `/dev/zero` or a huge file fails at once instead of filling memory.
+///
+/// [`MAX_TORRENT_FILE_BYTES`]: crate::core::metainfo::MAX_TORRENT_FILE_BYTES
 pub fn load_torrent(path: &Path) -> anyhow::Result<Arc<Metainfo>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let meta = Metainfo::from_bytes(&bytes)
-        .with_context(|| format!("{} is not a valid torrent", path.display()))?;
-    Ok(Arc::new(meta))
+    match Metainfo::from_file(path) {
+        Ok(meta) => Ok(Arc::new(meta)),
+        // These already name the path and say what is wrong with it.
+        Err(e @ (MetainfoError::Io { .. } | MetainfoError::FileTooLarge { .. })) => Err(e.into()),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("{} is not a valid torrent", path.display())))
+        }
+    }
 }
 
 pub fn is_terminal() -> bool {

@@ -4,7 +4,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::core::metainfo::{Magnet, Metainfo, MetainfoError};
+use crate::cli::common;
+use crate::core::metainfo::{Magnet, Metainfo};
 use crate::core::units::format_size;
 
 #[derive(clap::Args, Debug)]
@@ -30,13 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             print!("{}", magnet_text(&magnet));
         }
     } else {
-        let path = Path::new(&args.source);
-        let metainfo = Metainfo::from_file(path).map_err(|e| match e {
-            MetainfoError::Io { .. } => anyhow::Error::new(e),
-            e => {
-                anyhow::Error::new(e).context(format!("{} is not a valid torrent", path.display()))
-            }
-        })?;
+        let metainfo = common::load_torrent(Path::new(&args.source))?;
         if args.json {
             println!("{}", torrent_json(&metainfo));
         } else {

@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::cli::common::{self, SwarmArgs};
 use crate::cli::size_arg;
-use crate::core::metainfo::Metainfo;
+use crate::core::metainfo::{Metainfo, MAX_TORRENT_FILE_BYTES};
 use crate::core::units::format_size;
 use crate::engine::torrent::TorrentConfig;
 
@@ -33,28 +33,41 @@ pub struct Args {
     pub swarm: SwarmArgs,
 }
 
-/// Whether `path` is a torrent file rather than content to seed.
-fn parse_as_torrent(path: &Path) -> Option<Arc<Metainfo>> {
-    if !path.is_file() {
-        return None;
+/// The torrent `seed TARGET` was given, or `None` when TARGET is content to make one of.
+/// Every read goes through the capped [`common::load_torrent`], and a pipe or device is read
+/// once only.
+fn torrent_target(path: &Path) -> anyhow::Result<Option<Arc<Metainfo>>> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        // `make_torrent` says that it does not exist.
+        return Ok(None);
+    };
+    if meta.is_dir() {
+        return Ok(None);
     }
-    let bytes = std::fs::read(path).ok()?;
-    Metainfo::from_bytes(&bytes).ok().map(Arc::new)
+    if !meta.is_file() {
+        // A pipe (`seed <(curl ...)`) or a device cannot be content (`create` refuses them),
+        // so it can only be a torrent.
+        return common::load_torrent(path).map(Some);
+    }
+    if path.extension().is_some_and(|e| e == "torrent") {
+        // Looks like a torrent: if it does not parse, say why rather than seeding the file.
+        return common::load_torrent(path).map(Some);
+    }
+    if meta.len() > MAX_TORRENT_FILE_BYTES {
+        // Too large to be a torrent: content (an ISO, a video), not worth reading here.
+        return Ok(None);
+    }
+    // A small file that parses as a torrent is one, whatever its name.
+    Ok(common::load_torrent(path).ok())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (meta, data_dir) = match parse_as_torrent(&args.target) {
+    let (meta, data_dir) = match torrent_target(&args.target)? {
         Some(meta) => (
             meta,
             args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".")),
         ),
-        None => {
-            if args.target.extension().is_some_and(|e| e == "torrent") && args.target.is_file() {
-                // Looks like a torrent but does not parse: say why rather than seeding the file.
-                common::load_torrent(&args.target)?;
-            }
-            make_torrent(&args)?
-        }
+        None => make_torrent(&args)?,
     };
     let mut cfg = TorrentConfig {
         data_dir: Some(data_dir),

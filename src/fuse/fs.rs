@@ -256,13 +256,15 @@ impl Filesystem for TorrentFs {
         let Some(entries) = self.inodes.readdir(ino.0, offset) else {
             return reply.error(Errno::ENOTDIR);
         };
-        for (next, child, is_dir, name) in entries {
-            let kind = if is_dir {
+        // The entries are built lazily: stopping at the first one that does not fit leaves the
+        // rest of the directory untouched until the kernel asks again from that offset.
+        for entry in entries {
+            let kind = if entry.is_dir {
                 FileType::Directory
             } else {
                 FileType::RegularFile
             };
-            if reply.add(INodeNo(child), next, kind, &name) {
+            if reply.add(INodeNo(entry.ino), entry.next_offset, kind, entry.name) {
                 break;
             }
         }

@@ -44,6 +44,16 @@ impl Node {
     }
 }
 
+/// One entry of a directory listing, borrowing its name from the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    /// The readdir offset that resumes after this entry.
+    pub next_offset: u64,
+    pub ino: u64,
+    pub is_dir: bool,
+    pub name: &'a str,
+}
+
 pub struct InodeTable {
     /// `nodes[ino - 1]`.
     nodes: Vec<Node>,
@@ -262,27 +272,41 @@ impl InodeTable {
         self.get(ino)
     }
 
-    /// Directory entries from `offset` on, "." and ".." first (as readdir wants):
-    /// `(next_offset, ino, is_dir, name)`, where `next_offset` is the offset that resumes after
-    /// the entry. None if `ino` is not a directory.
-    pub fn readdir(&self, ino: u64, offset: u64) -> Option<Vec<(u64, u64, bool, String)>> {
+    /// The entries of directory `ino` from `offset` on, "." and ".." first (as readdir wants),
+    /// then the children by name; None if `ino` is not a directory. Offset `k` is the `k`th
+    /// entry, so resuming is an index into the sorted children, and the iterator builds each
+    /// entry only when asked, borrowing its name: a readdir call costs what it returns.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Option<impl Iterator<Item = DirEntry<'_>> + '_> {
         let node = self.get(ino)?;
         let NodeKind::Dir { children } = &node.kind else {
             return None;
         };
-        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
-        let dots = [(node.ino, true, "."), (node.parent, true, "..")];
-        let entries = dots.into_iter().chain(children.iter().filter_map(|&child| {
-            let child = self.get(child)?;
-            Some((child.ino, child.is_dir(), child.name.as_str()))
-        }));
-        Some(
-            entries
-                .enumerate()
-                .skip(skip)
-                .map(|(i, (ino, is_dir, name))| (i as u64 + 1, ino, is_dir, name.to_owned()))
-                .collect(),
-        )
+        // "." and "..".
+        const DOT_ENTRIES: usize = 2;
+        // An offset past the end (even past usize) starts an empty range.
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let end = DOT_ENTRIES + children.len();
+        Some((start..end).filter_map(move |index| {
+            let (ino, is_dir, name) = match index {
+                0 => (node.ino, true, "."),
+                1 => (node.parent, true, ".."),
+                _ => {
+                    // Children are valid inos by construction; `get` keeps this panic-free.
+                    let child = self.get(*children.get(index - DOT_ENTRIES)?)?;
+                    (child.ino, child.is_dir(), child.name.as_str())
+                }
+            };
+            Some(DirEntry {
+                next_offset: index as u64 + 1,
+                ino,
+                is_dir,
+                name,
+            })
+        }))
     }
 
     /// Number of nodes (directories, the root included, and files).
@@ -368,12 +392,20 @@ mod tests {
         Some(node)
     }
 
-    fn names(t: &InodeTable, ino: u64) -> Vec<String> {
-        t.readdir(ino, 0)
-            .unwrap()
-            .into_iter()
-            .map(|(_, _, _, name)| name)
+    /// The whole listing of directory `ino` from `offset`.
+    fn list(t: &InodeTable, ino: u64, offset: u64) -> Vec<DirEntry<'_>> {
+        t.readdir(ino, offset)
+            .unwrap_or_else(|| panic!("{ino} is not a directory"))
             .collect()
+    }
+
+    fn names(t: &InodeTable, ino: u64) -> Vec<&str> {
+        list(t, ino, 0).into_iter().map(|e| e.name).collect()
+    }
+
+    /// `(next_offset, ino, is_dir, name)`, for short expected listings.
+    fn entry_tuple(e: DirEntry<'_>) -> (u64, u64, bool, &str) {
+        (e.next_offset, e.ino, e.is_dir, e.name)
     }
 
     #[test]
@@ -399,11 +431,14 @@ mod tests {
             }
         );
         assert_eq!(
-            t.readdir(ROOT_INO, 0).unwrap(),
-            vec![
-                (1, 1, true, ".".into()),
-                (2, 1, true, "..".into()),
-                (3, 2, false, "movie.mkv".into()),
+            list(&t, ROOT_INO, 0)
+                .into_iter()
+                .map(entry_tuple)
+                .collect::<Vec<_>>(),
+            [
+                (1, 1, true, "."),
+                (2, 1, true, ".."),
+                (3, 2, false, "movie.mkv"),
             ]
         );
         assert!(t.readdir(2, 0).is_none());
@@ -490,12 +525,12 @@ mod tests {
         }
         // Listing order and readdir agree with the numbering: names sorted, inos increasing.
         let a = at(&t1, "set/a").unwrap().ino;
-        let listed = t1.readdir(a, 2).unwrap();
+        let listed = list(&t1, a, 2);
         assert_eq!(
-            listed.iter().map(|e| e.3.as_str()).collect::<Vec<_>>(),
+            listed.iter().map(|e| e.name).collect::<Vec<_>>(),
             ["b", "z"]
         );
-        assert!(listed[0].1 < listed[1].1);
+        assert!(listed[0].ino < listed[1].ino);
     }
 
     #[test]
@@ -512,9 +547,9 @@ mod tests {
         );
         let t = InodeTable::new(&i);
         let dir = at(&t, "d").unwrap();
-        let full = t.readdir(dir.ino, 0).unwrap();
+        let full = list(&t, dir.ino, 0);
         assert_eq!(
-            full.iter().map(|e| (e.3.as_str(), e.2)).collect::<Vec<_>>(),
+            full.iter().map(|e| (e.name, e.is_dir)).collect::<Vec<_>>(),
             [
                 (".", true),
                 ("..", true),
@@ -524,17 +559,86 @@ mod tests {
                 ("sub", true)
             ]
         );
-        assert_eq!(full[0].1, dir.ino);
-        assert_eq!(full[1].1, ROOT_INO);
+        assert_eq!(full[0].ino, dir.ino);
+        assert_eq!(full[1].ino, ROOT_INO);
         for (k, entry) in full.iter().enumerate() {
             // Resuming at an entry's next_offset yields exactly the entries after it.
-            assert_eq!(t.readdir(dir.ino, entry.0).unwrap(), full[k + 1..]);
-            assert_eq!(t.readdir(dir.ino, k as u64).unwrap(), full[k..]);
+            assert_eq!(list(&t, dir.ino, entry.next_offset), full[k + 1..]);
+            assert_eq!(list(&t, dir.ino, k as u64), full[k..]);
         }
-        assert!(t.readdir(dir.ino, full.len() as u64).unwrap().is_empty());
-        assert!(t.readdir(dir.ino, u64::MAX).unwrap().is_empty());
+        assert!(list(&t, dir.ino, full.len() as u64).is_empty());
+        assert!(list(&t, dir.ino, u64::MAX).is_empty());
         assert!(t.readdir(at(&t, "d/a").unwrap().ino, 0).is_none());
         assert!(t.readdir(999, 0).is_none());
+    }
+
+    /// A multi-file torrent "big" whose directory "dir" holds `n` 1-byte files named by their
+    /// number, zero-padded so that name order is number order; listed in reverse in the stream,
+    /// so the table has to sort them.
+    fn big_dir(n: usize) -> (InodeTable, u64) {
+        let files = (0..n)
+            .rev()
+            .map(|i| entry(&["dir", &format!("{i:06}")], 1))
+            .collect();
+        let t = InodeTable::new(&with_entries("big", true, files));
+        let dir = at(&t, "big/dir").unwrap().ino;
+        (t, dir)
+    }
+
+    /// The name at readdir index `index` of a `big_dir` directory.
+    fn big_dir_name(index: usize) -> String {
+        match index {
+            0 => ".".into(),
+            1 => "..".into(),
+            i => format!("{:06}", i - 2),
+        }
+    }
+
+    #[test]
+    fn readdir_resumed_at_every_offset_of_a_big_directory_yields_exactly_the_rest() {
+        let n = 3_000;
+        let (t, dir) = big_dir(n);
+        let full = list(&t, dir, 0);
+        assert_eq!(full.len(), n + 2);
+        for (index, e) in full.iter().enumerate() {
+            assert_eq!(e.name, big_dir_name(index));
+            assert_eq!(e.next_offset, index as u64 + 1);
+            assert_eq!(e.is_dir, index < 2);
+        }
+        for offset in 0..=full.len() {
+            assert_eq!(
+                list(&t, dir, offset as u64),
+                full[offset..],
+                "offset {offset}"
+            );
+        }
+        assert!(list(&t, dir, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn taking_a_few_entries_at_any_offset_of_a_100k_entry_directory_borrows_their_names() {
+        let n = 100_000;
+        let (t, dir) = big_dir(n);
+        let taken = 3;
+        for offset in [0, 1, 2, 3, 50_000, n - 1, n, n + 1, n + 2, n + 3] {
+            let entries: Vec<_> = t.readdir(dir, offset as u64).unwrap().take(taken).collect();
+            let expected: Vec<String> = (offset..(n + 2).min(offset + taken))
+                .map(big_dir_name)
+                .collect();
+            assert_eq!(
+                entries.iter().map(|e| e.name).collect::<Vec<_>>(),
+                expected,
+                "offset {offset}"
+            );
+            for (k, e) in entries.iter().enumerate() {
+                assert_eq!(e.next_offset, (offset + k + 1) as u64);
+                if !e.is_dir {
+                    // The name is the table's own string, not a copy.
+                    let node = t.get(e.ino).unwrap();
+                    assert!(std::ptr::eq(e.name, node.name.as_str()), "{}", e.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,8 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The swarmfs binary under test: `$SWARMFS_BIN` when set, else the one cargo built. Worktrees
+/// that share a target dir overwrite each other's `target/debug/swarmfs` at every build, so a
+/// run that must test its own build points this at a copy of it.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_swarmfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("SWARMFS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_swarmfs").to_string())
+    })
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no stored data.
