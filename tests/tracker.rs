@@ -426,7 +426,7 @@ async fn announcer_lifecycle_seen_by_the_tracker() {
         });
         let (peers_tx, mut peers_rx) = mpsc::unbounded_channel();
         let dead = format!("http://{}/announce", local(unused_port()));
-        let announcer = Announcer::spawn_with(
+        let announcer = Announcer::spawn(
             quick_announcer_config(),
             // A dead tracker in the first tier: BEP 12 order falls through to the next tier.
             vec![vec![dead], vec![server.announce_url()]],
@@ -491,7 +491,7 @@ async fn announcer_retries_until_the_tracker_is_up() {
         let addr = refuser.local_addr().unwrap();
         let (_totals_tx, totals_rx) = watch::channel(TransferTotals::default());
         let (peers_tx, _peers_rx) = mpsc::unbounded_channel();
-        let announcer = Announcer::spawn_with(
+        let announcer = Announcer::spawn(
             quick_announcer_config(),
             vec![vec![format!("http://{addr}/announce")]],
             binary_hash(8),
@@ -526,6 +526,7 @@ async fn stop_without_a_working_tracker_returns_promptly() {
         let (_totals_tx, totals_rx) = watch::channel(TransferTotals::default());
         let (peers_tx, _peers_rx) = mpsc::unbounded_channel();
         let announcer = Announcer::spawn(
+            AnnouncerConfig::default(),
             vec![
                 vec![format!("http://{}/announce", local(unused_port()))],
                 vec!["udp://127.0.0.1:1".into()],

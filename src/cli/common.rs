@@ -180,6 +180,26 @@ pub async fn join_swarm(
     Ok((session, t))
 }
 
+/// The whole life of `seed` and `download`: the swarm options applied to `cfg`, a runtime, the
+/// session joined, then `body` with the session and the torrent.
+pub fn run_swarm<F, Fut>(
+    swarm: &SwarmArgs,
+    meta: Arc<Metainfo>,
+    mut cfg: TorrentConfig,
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Session, Arc<Torrent>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    swarm.apply(&mut cfg)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (session, t) = join_swarm(swarm, meta, cfg).await?;
+        body(session, t).await
+    })
+}
+
 /// Prints where we listen (tests and scripts read this line) and flushes.
 pub fn announce_listen(addr: SocketAddr) {
     use std::io::Write;

@@ -21,17 +21,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let meta = common::load_torrent(&args.torrent)?;
-    let mut cfg = TorrentConfig {
+    let cfg = TorrentConfig {
         data_dir: Some(args.data_dir.clone()),
         // Verified pieces go to disk; the cache only serves uploads to other leechers.
         cache_size: 16 << 20,
         fetch_all: true,
         ..TorrentConfig::default()
     };
-    args.swarm.apply(&mut cfg)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let (session, t) = common::join_swarm(&args.swarm, meta.clone(), cfg).await?;
+    let total = meta.info.lengths.total_length();
+    common::run_swarm(&args.swarm, meta, cfg, |session, t| async move {
         let started = Instant::now();
         let start_bytes = t.snapshot().downloaded;
         common::spawn_status_line(t.clone());
@@ -48,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "downloaded {} ({}) in {:.1} s, {}/s",
             t.name(),
-            format_size(meta.info.lengths.total_length()),
+            format_size(total),
             secs,
             format_size((got as f64 / secs.max(0.001)) as u64)
         );

@@ -69,21 +69,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => make_torrent(&args)?,
     };
-    let mut cfg = TorrentConfig {
+    let cfg = TorrentConfig {
         data_dir: Some(data_dir),
         cache_size: args.cache_size,
         fetch_all: true,
         ..TorrentConfig::default()
     };
-    args.swarm.apply(&mut cfg)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let (session, t) = common::join_swarm(&args.swarm, meta.clone(), cfg).await?;
+    common::run_swarm(&args.swarm, meta, cfg, |session, t| async move {
         let s = t.snapshot();
         println!(
             "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",
             t.name(),
-            format_size(meta.info.lengths.total_length()),
+            format_size(t.lengths.total_length()),
             t.info_hash,
             hex::encode(t.peer_id),
             s.pieces_have,

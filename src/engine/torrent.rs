@@ -31,7 +31,7 @@ use crate::engine::state::{BlockArrival, State, StateConfig};
 use crate::engine::store::Store;
 use crate::engine::tasks::TaskGroup;
 use crate::net::ratelimit::RateLimiter;
-use crate::net::tracker::{Announcer, TransferTotals};
+use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
 
 /// What a torrent is asked to do; filled from the command line.
 #[derive(Debug, Clone)]
@@ -262,6 +262,7 @@ impl Torrent {
             return;
         }
         let a = Announcer::spawn(
+            AnnouncerConfig::default(),
             tiers,
             self.info_hash.0,
             self.peer_id,

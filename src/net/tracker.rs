@@ -182,26 +182,6 @@ impl Announcer {
     /// `failure reason` or `warning message` is logged with `log::warn!`, once per distinct text.
     /// Only http(s) trackers are contacted; other URLs count as failing trackers.
     pub fn spawn(
-        tiers: Vec<Vec<String>>,
-        info_hash: [u8; 20],
-        peer_id: [u8; 20],
-        port: u16,
-        totals: watch::Receiver<TransferTotals>,
-        peers_tx: mpsc::UnboundedSender<SocketAddr>,
-    ) -> Announcer {
-        Self::spawn_with(
-            AnnouncerConfig::default(),
-            tiers,
-            info_hash,
-            peer_id,
-            port,
-            totals,
-            peers_tx,
-        )
-    }
-
-    /// [`Announcer::spawn`] with explicit timing.
-    pub fn spawn_with(
         config: AnnouncerConfig,
         tiers: Vec<Vec<String>>,
         info_hash: [u8; 20],
