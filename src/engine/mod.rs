@@ -1,10 +1,9 @@
 //! Orchestration: the tokio tasks that run torrents.
 //!
 //! `session` owns the listener and the torrents; `torrent` holds one torrent's shared state and
-//! its timers; `peer` is one connection's protocol logic; `reader` serves the mount's reads;
-//! `store` writes verified pieces to `--data-dir`.
+//! its timers; `peer` is one connection's protocol logic; `reader` serves the mount's reads.
+//! Verified pieces go to `--data-dir` through [`crate::disk::Store`].
 pub mod peer;
 pub mod reader;
 pub mod session;
-pub mod store;
 pub mod torrent;

@@ -23,7 +23,7 @@ use crate::core::choker::{ChokeDecision, Choker, ChokerConfig, PeerSample};
 use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
 use crate::core::metainfo::{InfoHash, Metainfo};
 use crate::core::picker::{BlockOutcome, PeerKey, Picker};
-use crate::engine::store::Store;
+use crate::disk::Store;
 use crate::net::ratelimit::RateLimiter;
 use crate::net::tracker::{Announcer, TransferTotals};
 
@@ -171,7 +171,7 @@ pub struct Torrent {
     pub(crate) cfg: TorrentConfig,
     pub(crate) state: Mutex<State>,
     pub counters: Counters,
-    pub(crate) store: Option<Store>,
+    pub(crate) store: Option<Arc<Store>>,
     /// Woken whenever a piece is verified (readers wait on it).
     pub(crate) piece_done: Notify,
     pub(crate) shutdown_tx: watch::Sender<bool>,
@@ -210,18 +210,17 @@ impl Torrent {
     ) -> anyhow::Result<Arc<Torrent>> {
         let lengths = meta.info.lengths;
         let count = lengths.piece_count();
-        let store = cfg.data_dir.as_ref().map(|d| Store::new(d, &meta.info));
+        let store = match &cfg.data_dir {
+            Some(d) => Some(Arc::new(Store::open(d, &meta.info).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create files under {}: {e}",
+                    d.join(&meta.info.name).display()
+                )
+            })?)),
+            None => None,
+        };
         let on_disk = match &store {
-            Some(s) => {
-                let have = s.verify(&meta.info.piece_hashes, progress);
-                s.create_files().map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot create files under {}: {e}",
-                        s.content_path().display()
-                    )
-                })?;
-                have
-            }
+            Some(s) => s.verify(&meta.info.piece_hashes, progress),
             None => Bitfield::new(count),
         };
         let seed = u64::from_le_bytes(peer_id[12..20].try_into().unwrap_or([7; 8]));
