@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use rayon::prelude::*;
 use sha1::{Digest, Sha1};
 
+use crate::core::layout::FileLayout;
 use crate::core::metainfo::{build_torrent, TorrentContent, TorrentSpec};
 
 pub const DEFAULT_PIECE_LENGTH: u32 = 256 * 1024;
@@ -183,14 +184,9 @@ pub fn hash_pieces(
 ) -> anyhow::Result<Vec<[u8; 20]>> {
     anyhow::ensure!(piece_length > 0, "piece length is 0");
     let piece_length = piece_length as u64;
-    let mut starts = Vec::with_capacity(files.len());
-    let mut total = 0u64;
-    for f in files {
-        starts.push(total);
-        total = total
-            .checked_add(f.length)
-            .context("total size overflows")?;
-    }
+    let layout =
+        FileLayout::from_lengths(files.iter().map(|f| f.length)).context("total size overflows")?;
+    let total = layout.total_length();
     let piece_count = total.div_ceil(piece_length);
     let run_pieces = (RUN_BYTES / piece_length).max(1);
     let runs = piece_count.div_ceil(run_pieces);
@@ -198,12 +194,12 @@ pub fn hash_pieces(
     let next_run = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let (bytes_tx, bytes_rx) = mpsc::channel::<u64>();
-    let starts = &starts;
+    let layout = &layout;
 
     // One job per core; each takes the next run of pieces until none is left. The calling
     // thread only reports progress, so `progress` needs not be `Sync`.
     let worker = |bytes_tx: &mpsc::Sender<u64>| -> anyhow::Result<Vec<(u64, Vec<[u8; 20]>)>> {
-        let mut reader = PieceReader::new(files, starts, piece_length);
+        let mut reader = PieceReader::new(files, layout, piece_length);
         let mut done = Vec::new();
         while !failed.load(Ordering::Relaxed) {
             let run = next_run.fetch_add(1, Ordering::Relaxed);
@@ -260,7 +256,7 @@ const READ_ALIGN: usize = 4096;
 /// One worker's buffer and open file: reads any byte range of the stream with `pread`.
 struct PieceReader<'a> {
     files: &'a [SourceFile],
-    starts: &'a [u64],
+    layout: &'a FileLayout,
     /// `piece_length` usable bytes starting at `align`, which is `READ_ALIGN`-aligned.
     buffer: Vec<u8>,
     align: usize,
@@ -268,12 +264,12 @@ struct PieceReader<'a> {
 }
 
 impl<'a> PieceReader<'a> {
-    fn new(files: &'a [SourceFile], starts: &'a [u64], piece_length: u64) -> Self {
+    fn new(files: &'a [SourceFile], layout: &'a FileLayout, piece_length: u64) -> Self {
         let buffer = vec![0; piece_length as usize + READ_ALIGN];
         let align = buffer.as_ptr().align_offset(READ_ALIGN).min(READ_ALIGN);
         PieceReader {
             files,
-            starts,
+            layout,
             buffer,
             align,
             open: None,
@@ -282,44 +278,35 @@ impl<'a> PieceReader<'a> {
 
     /// The `len` bytes of the stream at `offset` (within one piece).
     fn read(&mut self, offset: u64, len: usize) -> anyhow::Result<&[u8]> {
-        // The file holding `offset`: the last one starting at or before it (skipping empty ones,
-        // which share their start with the next file).
-        let mut index = self
-            .starts
-            .partition_point(|&s| s <= offset)
-            .saturating_sub(1);
         let mut filled = 0usize;
-        while filled < len {
+        for slice in self.layout.slices(offset, len) {
             let file = self
                 .files
-                .get(index)
-                .context("read past the end of the last file")?;
-            let in_file = offset + filled as u64 - self.starts[index];
-            if in_file >= file.length {
-                index += 1;
-                continue;
-            }
-            if self.open.as_ref().is_none_or(|(i, _)| *i != index) {
-                let handle = File::open(&file.disk_path)
-                    .with_context(|| format!("cannot open {}", file.disk_path.display()))?;
-                self.open = Some((index, handle));
-            }
-            let Some((_, handle)) = &self.open else {
-                unreachable!("opened above")
+                .get(slice.file_index)
+                .context("file layout does not match the file list")?;
+            // Consecutive pieces mostly come from the same file: keep it open.
+            let handle = match &self.open {
+                Some((i, handle)) if *i == slice.file_index => handle,
+                _ => {
+                    let handle = File::open(&file.disk_path)
+                        .with_context(|| format!("cannot open {}", file.disk_path.display()))?;
+                    &self.open.insert((slice.file_index, handle)).1
+                }
             };
-            let want = (len - filled).min((file.length - in_file) as usize);
-            let at = self.align + filled;
-            let n = handle
-                .read_at(&mut self.buffer[at..at + want], in_file)
-                .with_context(|| format!("cannot read {}", file.disk_path.display()))?;
-            if n == 0 {
-                bail!(
-                    "{} shrank while it was being hashed",
-                    file.disk_path.display()
-                );
-            }
-            filled += n;
+            let at = self.align + slice.buf_offset;
+            handle
+                .read_exact_at(&mut self.buffer[at..at + slice.len], slice.file_offset)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => anyhow::anyhow!(
+                        "{} shrank while it was being hashed",
+                        file.disk_path.display()
+                    ),
+                    _ => anyhow::Error::new(e)
+                        .context(format!("cannot read {}", file.disk_path.display())),
+                })?;
+            filled += slice.len;
         }
+        anyhow::ensure!(filled == len, "read past the end of the last file");
         Ok(&self.buffer[self.align..self.align + len])
     }
 }

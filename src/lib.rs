@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod core;
 pub mod create;
+pub mod disk;
 pub mod engine;
 pub mod fuse;
 pub mod net;

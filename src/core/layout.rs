@@ -1,6 +1,8 @@
-//! Piece and block geometry: which bytes of the torrent a piece or block covers, and which pieces
-//! cover a byte range. Built once from the total length and the piece length; every index that
-//! leaves this module has been bounds-checked (`PieceIndex` can only come from `Lengths`).
+//! Piece and block geometry: which bytes of the torrent a piece or block covers, which pieces
+//! cover a byte range, and which files hold it ([`FileLayout`]: the one "byte range -> file
+//! slices" walk, shared by the disk store, resume checks and `create`). Built once from the
+//! lengths; every index that leaves this module has been bounds-checked (`PieceIndex` can only
+//! come from `Lengths`, a `FileSlice` only from a `FileLayout`).
 
 use std::ops::Range;
 
@@ -50,6 +52,8 @@ pub enum LayoutError {
     },
     #[error("torrent has too many pieces ({0})")]
     TooManyPieces(u64),
+    #[error("total size of the files overflows")]
+    TotalLengthOverflow,
 }
 
 /// The geometry of one torrent's byte stream.
@@ -179,6 +183,100 @@ impl Lengths {
         }
         let pl = self.piece_length as u64;
         (offset / pl) as u32..end.div_ceil(pl) as u32
+    }
+}
+
+/// Where the files of a torrent sit in its byte stream: laid end to end in order, from offset 0.
+/// Built from the file lengths alone, so the files always cover `[0, total_length)` without gaps
+/// and [`FileLayout::slices`] covers every byte of a range that lies inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// Stream offset of each file's first byte; `starts[i + 1]` is where file `i` ends, so there
+    /// is one more entry than there are files.
+    starts: Vec<u64>,
+}
+
+/// The part of one file that a byte range of the torrent covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSlice {
+    pub file_index: usize,
+    /// Offset inside the file.
+    pub file_offset: u64,
+    /// Offset inside the caller's buffer (relative to the range start).
+    pub buf_offset: usize,
+    pub len: usize,
+}
+
+impl FileLayout {
+    /// Files of these lengths, in stream order (empty files and pads included: indexes match).
+    pub fn from_lengths(lengths: impl IntoIterator<Item = u64>) -> Result<Self, LayoutError> {
+        let mut starts = vec![0u64];
+        let mut end = 0u64;
+        for length in lengths {
+            end = end
+                .checked_add(length)
+                .ok_or(LayoutError::TotalLengthOverflow)?;
+            starts.push(end);
+        }
+        Ok(FileLayout { starts })
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    pub fn total_length(&self) -> u64 {
+        self.starts[self.starts.len() - 1]
+    }
+
+    /// Which files hold `[offset, offset + len)`, in stream order; empty files are skipped. The
+    /// slices are contiguous and cover the part of the range before `total_length`, so a range
+    /// past the end yields fewer bytes than `len` (none when it starts at or after the end).
+    pub fn slices(&self, offset: u64, len: usize) -> FileSlices<'_> {
+        let end = offset.saturating_add(len as u64).min(self.total_length());
+        // The first file that ends after `offset` (binary search: `create` calls this per piece).
+        let next_file = self.starts[1..].partition_point(|&file_end| file_end <= offset);
+        FileSlices {
+            starts: &self.starts,
+            next_file,
+            range_start: offset,
+            end,
+        }
+    }
+}
+
+/// The iterator of [`FileLayout::slices`].
+#[derive(Debug, Clone)]
+pub struct FileSlices<'a> {
+    starts: &'a [u64],
+    next_file: usize,
+    range_start: u64,
+    end: u64,
+}
+
+impl Iterator for FileSlices<'_> {
+    type Item = FileSlice;
+
+    fn next(&mut self) -> Option<FileSlice> {
+        loop {
+            let i = self.next_file;
+            let (&file_start, &file_end) = (self.starts.get(i)?, self.starts.get(i + 1)?);
+            if file_start >= self.end {
+                return None;
+            }
+            self.next_file += 1;
+            let start = self.range_start.max(file_start);
+            let stop = self.end.min(file_end);
+            if start < stop {
+                return Some(FileSlice {
+                    file_index: i,
+                    file_offset: start - file_start,
+                    buf_offset: (start - self.range_start) as usize,
+                    len: (stop - start) as usize,
+                });
+            }
+            // An empty file: nothing of the range is in it.
+        }
     }
 }
 
@@ -314,6 +412,100 @@ mod tests {
         assert_eq!(l.pieces_for_range(95, 100), 9..10);
         assert_eq!(l.pieces_for_range(100, 1), 0..0);
         assert_eq!(l.pieces_for_range(3, 0), 0..0);
+    }
+
+    fn slice(file_index: usize, file_offset: u64, buf_offset: usize, len: usize) -> FileSlice {
+        FileSlice {
+            file_index,
+            file_offset,
+            buf_offset,
+            len,
+        }
+    }
+
+    fn slices(layout: &FileLayout, offset: u64, len: usize) -> Vec<FileSlice> {
+        layout.slices(offset, len).collect()
+    }
+
+    #[test]
+    fn slices_cross_file_boundaries_and_skip_empty_files() {
+        // 10 bytes, an empty file, a 5-byte pad, 20 bytes.
+        let layout = FileLayout::from_lengths([10, 0, 5, 20]).unwrap();
+        assert_eq!(layout.total_length(), 35);
+        assert_eq!(layout.file_count(), 4);
+        assert_eq!(
+            slices(&layout, 8, 10),
+            [slice(0, 8, 0, 2), slice(2, 0, 2, 5), slice(3, 0, 7, 3)]
+        );
+        // Starting exactly where the empty file sits: it is skipped, the pad comes first.
+        assert_eq!(
+            slices(&layout, 10, 6),
+            [slice(2, 0, 0, 5), slice(3, 0, 5, 1)]
+        );
+        assert!(slices(&layout, 35, 4).is_empty());
+        assert!(slices(&layout, 3, 0).is_empty());
+    }
+
+    #[test]
+    fn a_piece_can_span_three_files() {
+        let lengths = Lengths::new(40, 16, 3).unwrap();
+        let layout = FileLayout::from_lengths([14, 1, 25]).unwrap();
+        let p0 = lengths.piece(0).unwrap();
+        let got = slices(
+            &layout,
+            lengths.piece_offset(p0),
+            lengths.piece_len(p0) as usize,
+        );
+        assert_eq!(
+            got,
+            [slice(0, 0, 0, 14), slice(1, 0, 14, 1), slice(2, 0, 15, 1)]
+        );
+        let p2 = lengths.piece(2).unwrap();
+        let got = slices(
+            &layout,
+            lengths.piece_offset(p2),
+            lengths.piece_len(p2) as usize,
+        );
+        assert_eq!(got, [slice(2, 17, 0, 8)]);
+    }
+
+    #[test]
+    fn pads_are_ordinary_slices_between_files() {
+        // BEP 47: a pad fills the rest of the piece, so the next file starts on a piece boundary.
+        let layout = FileLayout::from_lengths([10, 6, 20]).unwrap();
+        assert_eq!(slices(&layout, 10, 6), [slice(1, 0, 0, 6)]);
+        assert_eq!(slices(&layout, 16, 16), [slice(2, 0, 0, 16)]);
+        assert_eq!(
+            slices(&layout, 0, 36).iter().map(|s| s.len).sum::<usize>(),
+            36
+        );
+    }
+
+    #[test]
+    fn empty_files_anywhere_yield_nothing() {
+        let layout = FileLayout::from_lengths([0, 0, 4, 0, 3, 0]).unwrap();
+        assert_eq!(
+            slices(&layout, 0, 7),
+            [slice(2, 0, 0, 4), slice(4, 0, 4, 3)]
+        );
+        assert_eq!(slices(&layout, 4, 1), [slice(4, 0, 0, 1)]);
+        let only_empty = FileLayout::from_lengths([0, 0]).unwrap();
+        assert_eq!(only_empty.total_length(), 0);
+        assert!(slices(&only_empty, 0, 10).is_empty());
+        let no_files = FileLayout::from_lengths([]).unwrap();
+        assert!(slices(&no_files, 0, 1).is_empty());
+    }
+
+    #[test]
+    fn a_range_past_the_end_is_cut_at_the_end() {
+        let layout = FileLayout::from_lengths([10, 5]).unwrap();
+        assert_eq!(slices(&layout, 12, 100), [slice(1, 2, 0, 3)]);
+        assert!(slices(&layout, 15, 1).is_empty());
+        assert!(slices(&layout, u64::MAX - 1, 10).is_empty());
+        assert_eq!(
+            FileLayout::from_lengths([u64::MAX, 1]),
+            Err(LayoutError::TotalLengthOverflow)
+        );
     }
 
     #[test]

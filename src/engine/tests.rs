@@ -321,3 +321,36 @@ async fn a_fast_peer_that_chokes_with_requests_outstanding_and_rejects_them_keep
     serve_until_complete(&t, &fx, &mut p, pending).await;
     t.shutdown().await;
 }
+
+/// Disk reads run on the blocking pool: with a slow disk, a one-thread runtime keeps running
+/// its other tasks (a peer's messages, timers) while a read waits for the disk.
+#[test]
+fn a_slow_disk_does_not_stall_the_runtime() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fx = fixture(8, 2 * BLOCK_SIZE);
+        let t = torrent(&fx, true, TorrentConfig::default());
+        assert!(
+            t.is_complete(),
+            "seeding from the data dir; the cache is empty"
+        );
+        t.store().unwrap().set_io_delay(Duration::from_millis(300));
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let got = t.read(None, 0, 100).await.unwrap();
+        assert_eq!(got, fx.content[..100]);
+        let during = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(during > 0, "other tasks ran while the disk read was slow");
+        ticker.abort();
+        t.shutdown().await;
+    });
+}

@@ -27,8 +27,8 @@ use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
 use crate::core::metainfo::{InfoHash, Metainfo};
 use crate::core::peer_proto::Command;
 use crate::core::picker::PeerKey;
+use crate::disk::Store;
 use crate::engine::state::{BlockArrival, State, StateConfig};
-use crate::engine::store::Store;
 use crate::engine::tasks::TaskGroup;
 use crate::net::ratelimit::RateLimiter;
 use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
@@ -142,18 +142,17 @@ impl Torrent {
     ) -> anyhow::Result<Arc<Torrent>> {
         let lengths = meta.info.lengths;
         let count = lengths.piece_count();
-        let store = cfg.data_dir.as_ref().map(|d| Store::new(d, &meta.info));
+        let store = match &cfg.data_dir {
+            Some(d) => Some(Arc::new(Store::open(d, &meta.info).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create files under {}: {e}",
+                    d.join(&meta.info.name).display()
+                )
+            })?)),
+            None => None,
+        };
         let on_disk = match &store {
-            Some(s) => {
-                let have = s.verify(&meta.info.piece_hashes, progress);
-                s.create_files().map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot create files under {}: {e}",
-                        s.content_path().display()
-                    )
-                })?;
-                have
-            }
+            Some(s) => s.verify(&meta.info.piece_hashes, progress),
             None => Bitfield::new(count),
         };
         let seed = u64::from_le_bytes(peer_id[12..20].try_into().unwrap_or([7; 8]));
@@ -192,7 +191,7 @@ impl Torrent {
             cfg,
             state: Mutex::new(state),
             counters: Counters::default(),
-            store: store.map(Arc::new),
+            store,
             piece_done: Notify::new(),
             tasks: TaskGroup::new("torrent", cancel.child_token()),
             totals_tx,
@@ -389,16 +388,11 @@ impl Torrent {
                 return None;
             }
         }
-        let store = self.store.clone()?;
+        let store = self.store.as_ref()?;
         let offset = self.lengths.piece_offset(piece);
         let len = self.lengths.piece_len(piece) as usize;
-        let read = tokio::task::spawn_blocking(move || store.read_aligned(offset, len)).await;
-        let data = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                log::warn!("reading piece {piece} from disk: {e}");
-                return None;
-            }
+        let data = match store.read_piece(offset, len).await {
+            Ok(b) => b,
             Err(e) => {
                 log::warn!("reading piece {piece} from disk: {e}");
                 return None;
@@ -446,6 +440,12 @@ impl Torrent {
             }
             t.piece_verified(piece, Bytes::from(buf), written);
         });
+    }
+
+    /// The data dir's store, for tests that inject disk faults.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     fn piece_verified(&self, piece: PieceIndex, data: Bytes, on_disk: bool) {
