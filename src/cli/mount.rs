@@ -53,14 +53,17 @@ pub struct Args {
 /// Checks the mountpoint and the FUSE setup, so a bad command fails with one clear line and
 /// leaves nothing mounted.
 fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
-    let meta = match std::fs::metadata(mp) {
-        Ok(m) => m,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+    let dead_mount = || {
+        anyhow::anyhow!(
             "{} is a dead mount left by a crashed process (Transport endpoint is not connected); \
              run `fusermount -u {}` and try again",
             mp.display(),
             mp.display()
-        ),
+        )
+    };
+    let meta = match std::fs::metadata(mp) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead_mount()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("mountpoint {} does not exist", mp.display())
         }
@@ -75,6 +78,13 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
             .map(|p| p.dev() != meta.dev())
             .unwrap_or(false)
         {
+            // The kernel may answer `stat` from cached attributes even when the filesystem's
+            // process is gone; listing the directory has to reach it.
+            if let Err(e) = std::fs::read_dir(mp) {
+                if e.raw_os_error() == Some(libc::ENOTCONN) {
+                    return Err(dead_mount());
+                }
+            }
             bail!("{} is already a mount point", mp.display());
         }
     }
