@@ -85,6 +85,29 @@ pub struct FileEntry {
     pub hidden: bool,
 }
 
+#[cfg(test)]
+impl FileEntry {
+    /// Files laid end to end from offset 0, from `(path, length, pad)`: a fixture for tests.
+    pub(crate) fn laid_out(files: impl IntoIterator<Item = (Vec<String>, u64, bool)>) -> Vec<Self> {
+        let mut offset = 0;
+        files
+            .into_iter()
+            .map(|(path, length, pad)| {
+                let e = FileEntry {
+                    path,
+                    length,
+                    offset,
+                    pad,
+                    executable: false,
+                    hidden: false,
+                };
+                offset += length;
+                e
+            })
+            .collect()
+    }
+}
+
 impl FileEntry {
     /// The path components joined with `/` (components never contain `/`).
     pub fn display_path(&self) -> String {

@@ -164,15 +164,39 @@ enum Mode {
     Duplicate,
 }
 
-/// Everything `take_blocks` needs besides the piece itself.
-struct TakeCtx<'a> {
+/// What one `pick` call asks for: blocks for `peer`, at `now`, at most `max` of them.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
     peer: PeerKey,
     now: Instant,
-    mode: Mode,
     max: usize,
+}
+
+/// Everything `take_blocks` needs besides the piece itself.
+struct TakeCtx<'a> {
+    ask: Ask,
+    mode: Mode,
     max_duplicates: usize,
     out: &'a mut Vec<BlockRef>,
     requests: &'a mut Requests,
+}
+
+impl<'a> TakeCtx<'a> {
+    fn new(
+        ask: Ask,
+        mode: Mode,
+        max_duplicates: usize,
+        out: &'a mut Vec<BlockRef>,
+        requests: &'a mut Requests,
+    ) -> Self {
+        TakeCtx {
+            ask,
+            mode,
+            max_duplicates,
+            out,
+            requests,
+        }
+    }
 }
 
 /// Requests blocks of one in-progress piece for `ctx.peer`, lowest offset first.
@@ -181,22 +205,22 @@ fn take_blocks(piece: u32, ip: &mut InProgress, ctx: &mut TakeCtx<'_>) {
         return;
     }
     for index in 0..ip.blocks.len() {
-        if ctx.out.len() >= ctx.max {
+        if ctx.out.len() >= ctx.ask.max {
             return;
         }
         let take = match &ip.blocks[index] {
             BlockState::Missing => true,
             BlockState::Received => false,
             BlockState::Requested(reqs) => {
-                let allowed =
-                    reqs.len() < ctx.max_duplicates && !reqs.iter().any(|(p, _)| *p == ctx.peer);
+                let allowed = reqs.len() < ctx.max_duplicates
+                    && !reqs.iter().any(|(p, _)| *p == ctx.ask.peer);
                 allowed
                     && match ctx.mode {
                         Mode::Fresh => false,
                         Mode::Duplicate => true,
                         Mode::Urgent { stale_after } => {
                             reqs.iter().map(|(_, at)| *at).max().is_some_and(|newest| {
-                                ctx.now.saturating_duration_since(newest) > stale_after
+                                ctx.ask.now.saturating_duration_since(newest) > stale_after
                             })
                         }
                     }
@@ -207,13 +231,13 @@ fn take_blocks(piece: u32, ip: &mut InProgress, ctx: &mut TakeCtx<'_>) {
         }
         let block = ip.block_ref(piece, index);
         match &mut ip.blocks[index] {
-            BlockState::Requested(reqs) => reqs.push((ctx.peer, ctx.now)),
+            BlockState::Requested(reqs) => reqs.push((ctx.ask.peer, ctx.ask.now)),
             state => {
-                *state = BlockState::Requested(vec![(ctx.peer, ctx.now)]);
+                *state = BlockState::Requested(vec![(ctx.ask.peer, ctx.ask.now)]);
                 ip.missing -= 1;
             }
         }
-        ctx.requests.add(ctx.peer, block, ctx.now);
+        ctx.requests.add(ctx.ask.peer, block, ctx.ask.now);
         ctx.out.push(block);
     }
 }
@@ -409,17 +433,18 @@ impl Picker {
             let urgent = Mode::Urgent {
                 stale_after: self.urgent_window / 2,
             };
-            self.pick_priority(peer, peer_pieces, max, now, urgent, Mode::Fresh, &mut out);
-            self.pick_partials(peer, peer_pieces, max, now, Mode::Fresh, &mut out);
+            let ask = Ask { peer, now, max };
+            self.pick_priority(ask, peer_pieces, urgent, Mode::Fresh, &mut out);
+            self.pick_partials(ask, peer_pieces, Mode::Fresh, &mut out);
             if self.background {
-                self.pick_new(peer, peer_pieces, max, now, &mut out);
+                self.pick_new(ask, peer_pieces, &mut out);
             }
             // Endgame: nothing unrequested is left anywhere (not only at this peer: a leecher
             // holding a few pieces would otherwise duplicate blocks long before the end).
             if out.len() < max && self.in_endgame() {
                 let dup = Mode::Duplicate;
-                self.pick_priority(peer, peer_pieces, max, now, dup, dup, &mut out);
-                self.pick_partials(peer, peer_pieces, max, now, dup, &mut out);
+                self.pick_priority(ask, peer_pieces, dup, dup, &mut out);
+                self.pick_partials(ask, peer_pieces, dup, &mut out);
             }
         }
         self.debug_check();
@@ -434,18 +459,16 @@ impl Picker {
 
     /// Deadline pieces (in `deadline_mode` when due within the urgent window, else `Fresh`), then
     /// readahead pieces (in `readahead_mode`).
-    #[allow(clippy::too_many_arguments)]
     fn pick_priority(
         &mut self,
-        peer: PeerKey,
+        ask: Ask,
         peer_pieces: &Bitfield,
-        max: usize,
-        now: Instant,
         deadline_mode: Mode,
         readahead_mode: Mode,
         out: &mut Vec<BlockRef>,
     ) {
-        let urgent_until = now.checked_add(self.urgent_window);
+        let max = ask.max;
+        let urgent_until = ask.now.checked_add(self.urgent_window);
         let mut cursor: Option<(Instant, u32)> = None;
         while out.len() < max {
             let next = match cursor {
@@ -468,14 +491,14 @@ impl Picker {
             } else {
                 Mode::Fresh
             };
-            self.take_piece(piece, peer, now, mode, max, out);
+            self.take_piece(piece, ask, mode, out);
         }
         let mut i = 0;
         while out.len() < max && i < self.readahead.len() {
             let piece = self.readahead[i];
             i += 1;
             if peer_pieces.get(piece) {
-                self.take_piece(piece, peer, now, readahead_mode, max, out);
+                self.take_piece(piece, ask, readahead_mode, out);
             }
         }
     }
@@ -483,24 +506,14 @@ impl Picker {
     /// Every wanted in-progress piece, in piece order.
     fn pick_partials(
         &mut self,
-        peer: PeerKey,
+        ask: Ask,
         peer_pieces: &Bitfield,
-        max: usize,
-        now: Instant,
         mode: Mode,
         out: &mut Vec<BlockRef>,
     ) {
-        let mut ctx = TakeCtx {
-            peer,
-            now,
-            mode,
-            max,
-            max_duplicates: self.max_duplicates,
-            out,
-            requests: &mut self.requests,
-        };
+        let mut ctx = TakeCtx::new(ask, mode, self.max_duplicates, out, &mut self.requests);
         for (&piece, ip) in self.in_progress.iter_mut() {
-            if ctx.out.len() >= max {
+            if ctx.out.len() >= ask.max {
                 break;
             }
             let wanted = self.background
@@ -514,14 +527,8 @@ impl Picker {
 
     /// Starts new pieces, rarest first. Only pieces some peer is counted to have (availability of
     /// at least 1) are considered, so pieces nobody has are never scanned.
-    fn pick_new(
-        &mut self,
-        peer: PeerKey,
-        peer_pieces: &Bitfield,
-        max: usize,
-        now: Instant,
-        out: &mut Vec<BlockRef>,
-    ) {
+    fn pick_new(&mut self, ask: Ask, peer_pieces: &Bitfield, out: &mut Vec<BlockRef>) {
+        let max = ask.max;
         if out.len() >= max {
             return;
         }
@@ -540,7 +547,7 @@ impl Picker {
                 break;
             };
             from = Bound::Excluded(key);
-            self.take_piece(key.2, peer, now, Mode::Fresh, max, out);
+            self.take_piece(key.2, ask, Mode::Fresh, out);
         }
     }
 
@@ -554,29 +561,13 @@ impl Picker {
     }
 
     /// Takes blocks of one piece, starting it if it was not started.
-    fn take_piece(
-        &mut self,
-        piece: u32,
-        peer: PeerKey,
-        now: Instant,
-        mode: Mode,
-        max: usize,
-        out: &mut Vec<BlockRef>,
-    ) {
+    fn take_piece(&mut self, piece: u32, ask: Ask, mode: Mode, out: &mut Vec<BlockRef>) {
         match self.states[piece as usize] {
             PieceState::Have | PieceState::Hashing => return,
             PieceState::NotStarted => self.start_piece(piece),
             PieceState::Partial => {}
         }
-        let mut ctx = TakeCtx {
-            peer,
-            now,
-            mode,
-            max,
-            max_duplicates: self.max_duplicates,
-            out,
-            requests: &mut self.requests,
-        };
+        let mut ctx = TakeCtx::new(ask, mode, self.max_duplicates, out, &mut self.requests);
         if let Some(ip) = self.in_progress.get_mut(&piece) {
             take_blocks(piece, ip, &mut ctx);
         }

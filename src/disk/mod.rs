@@ -20,7 +20,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub struct Store {
     layout: FileLayout,
     /// One handle per file, in stream order (the indexes of `layout`); `None` for a pad file.
     files: Vec<Option<File>>,
+    /// Files that were missing or empty before `open` (now sparse zeros): resume verification
+    /// need not read them, which on a fresh 1 GiB download would hash a gigabyte of zeros.
+    blank: Vec<AtomicBool>,
     /// Fault injection for tests: every blocking read and write sleeps this long first.
     io_delay_nanos: AtomicU64,
 }
@@ -63,9 +66,11 @@ impl Store {
             ));
         }
         let mut files = Vec::with_capacity(info.files.len());
+        let mut blank = Vec::with_capacity(info.files.len());
         for f in &info.files {
             if f.pad {
                 files.push(None);
+                blank.push(AtomicBool::new(true));
                 continue;
             }
             let path = if info.multi_file {
@@ -73,13 +78,16 @@ impl Store {
             } else {
                 root.clone()
             };
+            let was_empty = std::fs::metadata(&path).map_or(true, |m| m.len() == 0);
             files.push(Some(open_file(&path, f.length)?));
+            blank.push(AtomicBool::new(was_empty));
         }
         Ok(Store {
             root,
             lengths: info.lengths,
             layout,
             files,
+            blank,
             io_delay_nanos: AtomicU64::new(0),
         })
     }
@@ -138,6 +146,7 @@ impl Store {
         self.wait_io_delay();
         for s in self.slices(offset, data.len())? {
             if let Some(file) = &self.files[s.file_index] {
+                self.blank[s.file_index].store(false, Ordering::Relaxed);
                 file.write_all_at(&data[s.buf_offset..s.buf_offset + s.len], s.file_offset)?;
             }
         }
@@ -208,7 +217,14 @@ impl Store {
             return false;
         };
         let offset = self.lengths.piece_offset(piece);
-        match self.read_aligned(offset, self.lengths.piece_len(piece) as usize) {
+        let len = self.lengths.piece_len(piece) as usize;
+        let all_blank = self.slices(offset, len).is_ok_and(|mut slices| {
+            slices.all(|s| self.blank[s.file_index].load(Ordering::Relaxed))
+        });
+        if all_blank {
+            return false; // nothing was ever written there
+        }
+        match self.read_aligned(offset, len) {
             Ok(data) => Sha1::digest(&data)[..] == expected[..],
             Err(_) => false,
         }
@@ -291,22 +307,16 @@ mod tests {
 
     /// A multi-file torrent `t` of files with these (length, pad) in order, named `f<offset>`.
     fn info(files: &[(u64, bool)], piece_length: u32, hashes: Vec<[u8; 20]>) -> Info {
-        let mut offset = 0;
-        let files: Vec<FileEntry> = files
-            .iter()
-            .map(|&(length, pad)| {
-                let f = FileEntry {
-                    path: vec![format!("f{offset}")],
-                    length,
-                    offset,
-                    pad,
-                    executable: false,
-                    hidden: false,
-                };
-                offset += length;
-                f
-            })
-            .collect();
+        let mut starts = files.iter().scan(0, |at, &(length, _)| {
+            let start = *at;
+            *at += length;
+            Some(start)
+        });
+        let files = FileEntry::laid_out(files.iter().map(|&(length, pad)| {
+            let start = starts.next().unwrap_or(0);
+            (vec![format!("f{start}")], length, pad)
+        }));
+        let offset: u64 = files.iter().map(|f| f.length).sum();
         let count = offset.div_ceil(piece_length as u64);
         let hashes = if hashes.is_empty() {
             vec![[0; 20]; count as usize]
@@ -373,6 +383,23 @@ mod tests {
         let mut buf = [0u8; 12];
         store.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"hello, world");
+    }
+
+    #[test]
+    fn verify_skips_files_that_were_missing_or_empty() {
+        // All-zero content: on fresh sparse files every piece would hash right, but nothing was
+        // written there, and reading a fresh download's gigabyte of zeros costs seconds.
+        let dir = tempfile::tempdir().unwrap();
+        let zeros: [u8; 20] = Sha1::digest([0u8; 16]).into();
+        let t = info(&[(16, false), (16, false)], 16, vec![zeros, zeros]);
+        std::fs::create_dir_all(dir.path().join("t")).unwrap();
+        std::fs::write(dir.path().join("t/f16"), [0u8; 16]).unwrap(); // existed: checked
+        let store = Store::open(dir.path(), &t).unwrap();
+        let have = store.verify(&t.piece_hashes, &|_| {});
+        assert_eq!(have.iter_ones().collect::<Vec<_>>(), [1]);
+        // Once written, a file is checked like any other.
+        store.write_at(0, &[0u8; 16]).unwrap();
+        assert_eq!(store.verify(&t.piece_hashes, &|_| {}).count_ones(), 2);
     }
 
     #[test]

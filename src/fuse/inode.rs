@@ -339,22 +339,9 @@ mod tests {
 
     /// `(path with '/' separators, length, pad)` in stream order.
     fn info(name: &str, multi_file: bool, files: &[(&str, u64, bool)]) -> Info {
-        let mut offset = 0;
-        let entries: Vec<FileEntry> = files
-            .iter()
-            .map(|&(path, length, pad)| {
-                let e = FileEntry {
-                    path: path.split('/').map(str::to_owned).collect(),
-                    length,
-                    offset,
-                    pad,
-                    executable: false,
-                    hidden: false,
-                };
-                offset += length;
-                e
-            })
-            .collect();
+        let entries = FileEntry::laid_out(files.iter().map(|&(path, length, pad)| {
+            (path.split('/').map(str::to_owned).collect(), length, pad)
+        }));
         with_entries(name, multi_file, entries)
     }
 
