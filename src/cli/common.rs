@@ -173,7 +173,7 @@ pub async fn join_swarm(
     cfg: TorrentConfig,
 ) -> anyhow::Result<(Session, Arc<Torrent>)> {
     let listener = crate::engine::session::bind_listener(swarm.listen).await?;
-    let session = Session::start_with(listener, swarm.session_config())?;
+    let session = Session::start(listener, swarm.session_config())?;
     announce_listen(session.listen_addr);
     let progress = verify_progress(meta.info.lengths.piece_count());
     let t = session.add_torrent(meta, cfg, progress).await?;

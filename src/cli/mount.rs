@@ -225,7 +225,7 @@ fn serve(
     let rt = tokio::runtime::Runtime::new()?;
     let started = rt.block_on(async {
         let listener = bind_listener(args.swarm.listen).await?;
-        let session = Session::start_with(listener, args.swarm.session_config())?;
+        let session = Session::start(listener, args.swarm.session_config())?;
         let progress = common::verify_progress(meta.info.lengths.piece_count());
         let t = session.add_torrent(meta.clone(), cfg, progress).await?;
         anyhow::Ok((session, t))

@@ -251,18 +251,6 @@ impl PeerProto {
     pub fn bitfield(&self) -> &Bitfield {
         &self.theirs
     }
-    pub fn am_choking(&self) -> bool {
-        self.am_choking
-    }
-    pub fn am_interested(&self) -> bool {
-        self.am_interested
-    }
-    pub fn peer_choking(&self) -> bool {
-        self.peer_choking
-    }
-    pub fn peer_interested(&self) -> bool {
-        self.peer_interested
-    }
     /// Requests in flight (not cancelled).
     pub fn in_flight(&self) -> usize {
         self.requested.len()
@@ -276,9 +264,6 @@ impl PeerProto {
     }
     pub fn allowed_fast(&self) -> &[u32] {
         &self.allowed_fast
-    }
-    pub fn their_handshake(&self) -> Option<&ExtendedHandshake> {
-        self.their_handshake.as_ref()
     }
 
     // ---- outputs ----

@@ -77,12 +77,8 @@ fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<[u8; 20], Arc<Torr
 }
 
 impl Session {
-    /// Starts accepting connections on `listener` with default limits.
-    pub fn start(listener: TcpListener) -> std::io::Result<Session> {
-        Self::start_with(listener, SessionConfig::default())
-    }
-
-    pub fn start_with(listener: TcpListener, cfg: SessionConfig) -> std::io::Result<Session> {
+    /// Starts accepting connections on `listener`.
+    pub fn start(listener: TcpListener, cfg: SessionConfig) -> std::io::Result<Session> {
         let listen_addr = listener.local_addr()?;
         let torrents: Routes = Arc::default();
         let tasks = Arc::new(TaskGroup::new("session", CancellationToken::new()));
