@@ -207,56 +207,65 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     }
 }
 
-/// Incoming connections are capped before their handshake: past `--max-incoming` a new one is
-/// closed at once while the earlier ones stay open.
-#[test]
-fn incoming_connections_past_the_cap_are_closed_at_once() {
+/// Whether swarmfs closed `s` at once: its first read ends (EOF or reset) within the watchdog.
+/// A read that times out means the connection was kept, and fails the test.
+fn closed_by_swarmfs(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(WATCHDOG)).unwrap();
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            panic!("watchdog: the connection stayed open for {WATCHDOG:?}")
+        }
+        Err(_) => true,
+    }
+}
+
+/// Whether `s` is still open with nothing to read (swarmfs has neither closed nor answered it).
+fn still_open(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    matches!(s.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A seeder of a small torrent with `extra` options, and `held` idle connections to it followed
+/// by one more; returns (connections within the cap still open, whether the extra one was closed).
+fn hold_connections(extra: &[&str], held: usize) -> (usize, bool) {
     let dir = tempfile::tempdir().unwrap();
     make_torrent(dir.path(), 64 * 1024, "16KiB");
     let (_seeder, addr) = seeder(
         &dir.path().join("src"),
         &dir.path().join("t.torrent"),
         &dir.path().join("seeder.log"),
-        &["--max-incoming", "2"],
+        extra,
     );
-    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let mut third = TcpStream::connect(addr).unwrap();
-    third.set_read_timeout(Some(WATCHDOG)).unwrap();
-    let mut byte = [0u8; 1];
-    let n = third.read(&mut byte).unwrap_or(0);
-    assert_eq!(n, 0, "the connection past the cap is closed without a word");
-    // The first two are still open (they have not sent a handshake; its timeout is 10 s).
-    for mut s in held {
-        s.set_nonblocking(true).unwrap();
-        match s.read(&mut byte) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("a connection within the cap was closed: {other:?}"),
-        }
-    }
+    let mut within: Vec<TcpStream> = (0..held)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut next = TcpStream::connect(addr).unwrap();
+    let closed = closed_by_swarmfs(&mut next);
+    // Checked after the extra one closed, and well before their handshake timeout (10 s).
+    let open = within.iter_mut().map(still_open).filter(|&o| o).count();
+    (open, closed)
+}
+
+/// Incoming connections are capped before their handshake: past `--max-incoming` a new one is
+/// closed at once while the earlier ones stay open.
+#[test]
+fn incoming_connections_past_the_cap_are_closed_at_once() {
+    let (open, closed) = hold_connections(&["--max-incoming", "2"], 2);
+    assert!(
+        closed,
+        "the connection past the cap is closed without a word"
+    );
+    assert_eq!(open, 2, "the connections within the cap stay open");
 }
 
 /// At most `MAX_HANDSHAKES` (32) connections may sit in their handshake at once.
 #[test]
 fn connections_stuck_in_their_handshake_are_capped() {
-    let dir = tempfile::tempdir().unwrap();
-    make_torrent(dir.path(), 64 * 1024, "16KiB");
-    let (_seeder, addr) = seeder(
-        &dir.path().join("src"),
-        &dir.path().join("t.torrent"),
-        &dir.path().join("seeder.log"),
-        &[],
-    );
-    let held: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let mut next = TcpStream::connect(addr).unwrap();
-    next.set_read_timeout(Some(WATCHDOG)).unwrap();
-    let mut byte = [0u8; 1];
-    assert_eq!(next.read(&mut byte).unwrap_or(0), 0, "the 33rd is closed");
-    let mut open = 0;
-    for mut s in held {
-        s.set_nonblocking(true).unwrap();
-        if matches!(s.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
-            open += 1;
-        }
-    }
+    let (open, closed) = hold_connections(&[], 32);
+    assert!(closed, "the 33rd is closed");
     assert_eq!(open, 32, "the 32 in their handshake stay open");
 }
