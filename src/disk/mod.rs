@@ -307,15 +307,11 @@ mod tests {
 
     /// A multi-file torrent `t` of files with these (length, pad) in order, named `f<offset>`.
     fn info(files: &[(u64, bool)], piece_length: u32, hashes: Vec<[u8; 20]>) -> Info {
-        let mut starts = files.iter().scan(0, |at, &(length, _)| {
-            let start = *at;
-            *at += length;
-            Some(start)
-        });
-        let files = FileEntry::laid_out(files.iter().map(|&(length, pad)| {
-            let start = starts.next().unwrap_or(0);
-            (vec![format!("f{start}")], length, pad)
-        }));
+        let mut files =
+            FileEntry::laid_out(files.iter().map(|&(length, pad)| (vec![], length, pad)));
+        for f in &mut files {
+            f.path = vec![format!("f{}", f.offset)];
+        }
         let offset: u64 = files.iter().map(|f| f.length).sum();
         let count = offset.div_ceil(piece_length as u64);
         let hashes = if hashes.is_empty() {
