@@ -2,15 +2,19 @@
 //! concept everywhere.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use tokio::sync::watch;
 
 use crate::cli::size_arg;
+use crate::core::magnet::Magnet;
+use crate::core::metadata;
 use crate::core::metainfo::{Metainfo, MetainfoError};
 use crate::core::units::format_size;
+use crate::engine::metadata::FetchProgress;
 use crate::engine::session::{Session, SessionConfig};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 
@@ -73,6 +77,182 @@ impl SwarmArgs {
         cfg.max_peers = self.max_peers.max(1);
         Ok(())
     }
+}
+
+/// What a command was given: a .torrent (read and parsed at once, so a bad one fails before
+/// anything starts) or a magnet link, whose metadata is fetched from the swarm.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Torrent(Arc<Metainfo>),
+    Magnet(Magnet),
+}
+
+impl Source {
+    /// A `magnet:` link (any case), or else the path of a .torrent file.
+    pub fn parse(text: &str) -> anyhow::Result<Source> {
+        if is_magnet(text) {
+            let magnet = Magnet::parse(text).context("bad magnet link")?;
+            return Ok(Source::Magnet(magnet));
+        }
+        Ok(Source::Torrent(load_torrent(Path::new(text))?))
+    }
+
+    /// A name for log files before the metadata is known.
+    pub fn name_hint(&self) -> String {
+        match self {
+            Source::Torrent(meta) => meta.info.name.clone(),
+            Source::Magnet(m) => m
+                .display_name
+                .clone()
+                .unwrap_or_else(|| m.info_hash.to_hex()),
+        }
+    }
+}
+
+pub fn is_magnet(text: &str) -> bool {
+    text.get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("magnet:"))
+}
+
+/// Options for magnet links (metadata exchange, BEP 9).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MetadataArgs {
+    /// With a magnet link: fail when no peer has sent the torrent's metadata after this many
+    /// seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub metadata_timeout: u64,
+    /// With a magnet link: also write the fetched metadata to FILE as a .torrent (its
+    /// info-hash is the magnet's).
+    #[arg(long, value_name = "FILE")]
+    pub save_torrent: Option<PathBuf>,
+}
+
+impl Default for MetadataArgs {
+    fn default() -> Self {
+        MetadataArgs {
+            metadata_timeout: 60,
+            save_torrent: None,
+        }
+    }
+}
+
+/// A torrent ready to add, and the peers its metadata fetch found (connected to at start).
+pub struct Resolved {
+    pub meta: Arc<Metainfo>,
+    pub found_peers: Vec<SocketAddr>,
+}
+
+/// Where `-d DIR` keeps a magnet's fetched metadata, so a restart does not fetch it again.
+fn saved_metadata_path(dir: &Path, magnet: &Magnet) -> PathBuf {
+    dir.join(format!(".{}.torrent", magnet.info_hash.to_hex()))
+}
+
+/// The torrent of `source`: as given, or for a magnet link the metadata saved in `data_dir`
+/// by an earlier run, or else fetched from the swarm (x.pe peers, `--peer`, trackers) within
+/// `--metadata-timeout`. `on_progress` hears how the fetch goes.
+pub async fn resolve(
+    session: &Session,
+    source: &Source,
+    swarm: &SwarmArgs,
+    md: &MetadataArgs,
+    data_dir: Option<&Path>,
+    on_progress: impl Fn(&FetchProgress),
+) -> anyhow::Result<Resolved> {
+    let magnet = match source {
+        Source::Torrent(meta) => {
+            return Ok(Resolved {
+                meta: meta.clone(),
+                found_peers: Vec::new(),
+            })
+        }
+        Source::Magnet(m) => m,
+    };
+    if let Some(dir) = data_dir {
+        let path = saved_metadata_path(dir, magnet);
+        if path.exists() {
+            match load_torrent(&path) {
+                Ok(meta) if meta.info_hash == magnet.info_hash => {
+                    log::info!("using the metadata saved in {}", path.display());
+                    save_torrent(md, &meta)?;
+                    return Ok(Resolved {
+                        meta,
+                        found_peers: Vec::new(),
+                    });
+                }
+                Ok(_) => log::warn!("{} is for another torrent; ignored", path.display()),
+                Err(e) => log::warn!("{e:#}; fetching the metadata again"),
+            }
+        }
+    }
+    let mut peers = magnet.peers.clone();
+    peers.extend(swarm.peer_addrs()?);
+    let mut tiers: Vec<Vec<String>> = magnet.trackers.iter().map(|t| vec![t.clone()]).collect();
+    tiers.extend(swarm.trackers.iter().map(|t| vec![t.clone()]));
+    let (progress_tx, mut progress_rx) = watch::channel(FetchProgress::default());
+    let fetch = session.fetch_metadata(magnet.info_hash, peers, tiers, progress_tx);
+    tokio::pin!(fetch);
+    let deadline = tokio::time::sleep(Duration::from_secs(md.metadata_timeout.max(1)));
+    tokio::pin!(deadline);
+    let fetched = loop {
+        tokio::select! {
+            f = &mut fetch => break f,
+            Ok(()) = progress_rx.changed() => on_progress(&progress_rx.borrow_and_update()),
+            _ = &mut deadline => break None,
+        }
+    };
+    let Some(fetched) = fetched else {
+        let p = *progress_rx.borrow();
+        let hint = if p.peers_found == 0 {
+            " (no peers found: add a tracker, --peer HOST:PORT, or x.pe= to the link)"
+        } else {
+            ""
+        };
+        bail!(
+            "no metadata for {} after {} s: {} peers found, {} connected, {} offered the metadata{hint}",
+            magnet.info_hash,
+            md.metadata_timeout.max(1),
+            p.peers_found,
+            p.peers_connected,
+            p.peers_offering
+        );
+    };
+    let bytes = metadata::torrent_file(&fetched.info_bytes, &magnet.trackers);
+    let meta = Arc::new(Metainfo::from_bytes(&bytes).with_context(|| {
+        format!(
+            "peers sent metadata for {} that is not a valid torrent",
+            magnet.info_hash
+        )
+    })?);
+    if let Some(dir) = data_dir {
+        let path = saved_metadata_path(dir, magnet);
+        let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &bytes));
+        if let Err(e) = written {
+            log::warn!("cannot keep the metadata in {}: {e}", path.display());
+        }
+    }
+    save_torrent(md, &meta)?;
+    Ok(Resolved {
+        meta,
+        found_peers: fetched.peers,
+    })
+}
+
+/// `--save-torrent FILE`: the torrent as a .torrent file.
+fn save_torrent(md: &MetadataArgs, meta: &Metainfo) -> anyhow::Result<()> {
+    let Some(path) = &md.save_torrent else {
+        return Ok(());
+    };
+    let trackers: Vec<String> = meta.trackers().into_iter().flatten().collect();
+    std::fs::write(path, metadata::torrent_file(&meta.info_bytes, &trackers))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// One line about a metadata fetch in progress.
+pub fn fetch_progress_line(p: &FetchProgress) -> String {
+    format!(
+        "fetching metadata: {} peers found, {} connected, {} offering, {}/{} pieces",
+        p.peers_found, p.peers_connected, p.peers_offering, p.pieces_have, p.pieces_total
+    )
 }
 
 /// Reads and parses the .torrent at `path` for every command (info, mount, seed, download):
@@ -165,16 +345,38 @@ pub async fn termination_signal() {
     }
 }
 
-/// Binds the listener, prints where it listens, and adds the torrent (verifying its data dir):
-/// the start shared by `seed` and `download`.
+/// Binds the listener, prints where it listens, resolves the source (fetching a magnet's
+/// metadata) and adds the torrent (verifying its data dir): the start shared by `seed` and
+/// `download`.
 pub async fn join_swarm(
     swarm: &SwarmArgs,
-    meta: Arc<crate::core::metainfo::Metainfo>,
-    cfg: TorrentConfig,
+    source: &Source,
+    md: &MetadataArgs,
+    mut cfg: TorrentConfig,
 ) -> anyhow::Result<(Session, Arc<Torrent>)> {
     let listener = crate::engine::session::bind_listener(swarm.listen).await?;
     let session = Session::start(listener, swarm.session_config())?;
     announce_listen(session.listen_addr);
+    let data_dir = cfg.data_dir.clone();
+    let shown = is_terminal();
+    let resolved = resolve(&session, source, swarm, md, data_dir.as_deref(), |p| {
+        if shown {
+            eprint!("\r{}", fetch_progress_line(p));
+        }
+    })
+    .await;
+    if shown && matches!(source, Source::Magnet(_)) {
+        eprintln!();
+    }
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            session.shutdown().await;
+            return Err(e);
+        }
+    };
+    cfg.found_peers = resolved.found_peers;
+    let meta = resolved.meta;
     let progress = verify_progress(meta.info.lengths.piece_count());
     let t = session.add_torrent(meta, cfg, progress).await?;
     Ok((session, t))
@@ -184,7 +386,8 @@ pub async fn join_swarm(
 /// session joined, then `body` with the session and the torrent.
 pub fn run_swarm<F, Fut>(
     swarm: &SwarmArgs,
-    meta: Arc<Metainfo>,
+    source: &Source,
+    md: &MetadataArgs,
     mut cfg: TorrentConfig,
     body: F,
 ) -> anyhow::Result<()>
@@ -195,7 +398,7 @@ where
     swarm.apply(&mut cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let (session, t) = join_swarm(swarm, meta, cfg).await?;
+        let (session, t) = join_swarm(swarm, source, md, cfg).await?;
         body(session, t).await
     })
 }

@@ -1,26 +1,30 @@
-//! `swarmfs download TORRENT -d DIR`: fetch the whole torrent into `DIR/<name>`, resuming from
-//! whatever verified data is already there, then exit.
+//! `swarmfs download TORRENT|MAGNET -d DIR`: fetch the whole torrent into `DIR/<name>`,
+//! resuming from whatever verified data is already there, then exit. A magnet link's metadata is
+//! fetched first and kept in DIR.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::cli::common::{self, SwarmArgs};
+use crate::cli::common::{self, MetadataArgs, Source, SwarmArgs};
 use crate::core::units::format_size;
 use crate::engine::torrent::TorrentConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The .torrent file.
-    pub torrent: PathBuf,
+    /// A .torrent file or a magnet link.
+    #[arg(value_name = "TORRENT|MAGNET")]
+    pub source: String,
     /// Directory that holds the content as DIR/<name> (default: the current directory).
     #[arg(short = 'd', long, value_name = "DIR", default_value = ".")]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub metadata: MetadataArgs,
     #[command(flatten)]
     pub swarm: SwarmArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let meta = common::load_torrent(&args.torrent)?;
+    let source = Source::parse(&args.source)?;
     let cfg = TorrentConfig {
         data_dir: Some(args.data_dir.clone()),
         // Verified pieces go to disk; the cache only serves uploads to other leechers.
@@ -28,36 +32,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fetch_all: true,
         ..TorrentConfig::default()
     };
-    let total = meta.info.lengths.total_length();
-    common::run_swarm(&args.swarm, meta, cfg, |session, t| async move {
-        let started = Instant::now();
-        let start_bytes = t.snapshot().downloaded;
-        common::spawn_status_line(t.clone());
-        let done = t.wait_complete();
-        tokio::select! {
-            _ = done => {}
-            _ = common::termination_signal() => {
-                session.shutdown().await;
-                anyhow::bail!("interrupted; run the same command again to resume");
+    common::run_swarm(
+        &args.swarm,
+        &source,
+        &args.metadata,
+        cfg,
+        |session, t| async move {
+            let total = t.meta.info.lengths.total_length();
+            let started = Instant::now();
+            let start_bytes = t.snapshot().downloaded;
+            common::spawn_status_line(t.clone());
+            let done = t.wait_complete();
+            tokio::select! {
+                _ = done => {}
+                _ = common::termination_signal() => {
+                    session.shutdown().await;
+                    anyhow::bail!("interrupted; run the same command again to resume");
+                }
             }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let got = t.snapshot().downloaded - start_bytes;
-        println!(
-            "downloaded {} ({}) in {:.1} s, {}/s",
-            t.name(),
-            format_size(total),
-            secs,
-            format_size((got as f64 / secs.max(0.001)) as u64)
-        );
-        // Where the bytes came from: tests and curious users read these lines.
-        for (id, addr, bytes) in t.received_by_peer() {
+            let secs = started.elapsed().as_secs_f64();
+            let got = t.snapshot().downloaded - start_bytes;
             println!(
-                "received {bytes} bytes from peer {} at {addr}",
-                hex::encode(id)
+                "downloaded {} ({}) in {:.1} s, {}/s",
+                t.name(),
+                format_size(total),
+                secs,
+                format_size((got as f64 / secs.max(0.001)) as u64)
             );
-        }
-        session.shutdown().await;
-        Ok(())
-    })
+            // Where the bytes came from: tests and curious users read these lines.
+            for (id, addr, bytes) in t.received_by_peer() {
+                println!(
+                    "received {bytes} bytes from peer {} at {addr}",
+                    hex::encode(id)
+                );
+            }
+            session.shutdown().await;
+            Ok(())
+        },
+    )
 }

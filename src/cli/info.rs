@@ -1,12 +1,11 @@
-//! `swarmfs info TORRENT|MAGNET [--json]`: show what a .torrent or a magnet link holds.
-use std::path::Path;
-
-use anyhow::Context;
+//! `swarmfs info TORRENT|MAGNET [--json] [--fetch]`: show what a .torrent or a magnet link
+//! holds; with `--fetch`, a magnet's metadata is fetched from the swarm and shown as a torrent's.
 use serde_json::json;
 
-use crate::cli::common;
+use crate::cli::common::{self, MetadataArgs, Source, SwarmArgs};
 use crate::core::metainfo::{Magnet, Metainfo};
 use crate::core::units::format_size;
+use crate::engine::session::{bind_listener, Session};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,29 +15,57 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// For a magnet link: fetch the metadata from the swarm (its x.pe peers and trackers, or
+    /// --peer / --tracker) and show the torrent.
+    #[arg(long)]
+    pub fetch: bool,
+    #[command(flatten)]
+    pub metadata: MetadataArgs,
+    #[command(flatten, next_help_heading = "Joining the swarm (with --fetch)")]
+    pub swarm: SwarmArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let is_magnet = args
-        .source
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case("magnet:"));
-    if is_magnet {
-        let magnet = Magnet::parse(&args.source).context("bad magnet link")?;
-        if args.json {
-            println!("{}", magnet_json(&magnet));
-        } else {
-            print!("{}", magnet_text(&magnet));
+    let source = Source::parse(&args.source)?;
+    let metainfo = match &source {
+        Source::Torrent(meta) => meta.clone(),
+        Source::Magnet(magnet) if !args.fetch => {
+            if args.json {
+                println!("{}", magnet_json(magnet));
+            } else {
+                print!("{}", magnet_text(magnet));
+            }
+            return Ok(());
         }
+        Source::Magnet(_) => fetch(&args, &source)?,
+    };
+    if args.json {
+        println!("{}", torrent_json(&metainfo));
     } else {
-        let metainfo = common::load_torrent(Path::new(&args.source))?;
-        if args.json {
-            println!("{}", torrent_json(&metainfo));
-        } else {
-            print!("{}", torrent_text(&metainfo));
-        }
+        print!("{}", torrent_text(&metainfo));
     }
     Ok(())
+}
+
+/// Joins the swarm only for as long as fetching the metadata takes.
+fn fetch(args: &Args, source: &Source) -> anyhow::Result<std::sync::Arc<Metainfo>> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = bind_listener(args.swarm.listen).await?;
+        let session = Session::start(listener, args.swarm.session_config())?;
+        let shown = common::is_terminal();
+        let resolved = common::resolve(&session, source, &args.swarm, &args.metadata, None, |p| {
+            if shown {
+                eprint!("\r{}", common::fetch_progress_line(p));
+            }
+        })
+        .await;
+        if shown {
+            eprintln!();
+        }
+        session.shutdown().await;
+        Ok(resolved?.meta)
+    })
 }
 
 pub fn torrent_json(m: &Metainfo) -> serde_json::Value {

@@ -1,27 +1,29 @@
-//! `swarmfs mount TORRENT MOUNTPOINT`: returns once the mount is live, then serves it in the
+//! `swarmfs mount TORRENT|MAGNET MOUNTPOINT`: returns once the mount is live (for a magnet
+//! link, once its metadata is fetched and the files are visible), then serves it in the
 //! background (like sshfs and btfs) or, with `-f`, in the foreground.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fuser::{MountOption, SessionACL};
 
-use crate::cli::common::{self, SwarmArgs};
+use crate::cli::common::{self, MetadataArgs, Source, SwarmArgs};
 use crate::cli::size_arg;
+use crate::engine::metadata::FetchProgress;
 use crate::engine::session::{bind_listener, Session};
 use crate::engine::torrent::TorrentConfig;
 use crate::fuse::fs::TorrentFs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The .torrent file.
-    pub torrent: PathBuf,
+    /// A .torrent file or a magnet link.
+    #[arg(value_name = "TORRENT|MAGNET")]
+    pub source: String,
     /// An existing empty directory.
     pub mountpoint: PathBuf,
     /// Stay in the foreground (default: return once mounted and serve in the background).
@@ -46,6 +48,8 @@ pub struct Args {
     /// Log file of the background process (default: $XDG_STATE_HOME/swarmfs/<name>.log).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub metadata: MetadataArgs,
     #[command(flatten)]
     pub swarm: SwarmArgs,
 }
@@ -170,10 +174,7 @@ fn default_log_file(name: &str) -> PathBuf {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.torrent.to_string_lossy().starts_with("magnet:") {
-        bail!("mounting a magnet link needs metadata exchange (BEP 9), which swarmfs does not do yet; use a .torrent file");
-    }
-    let meta = common::load_torrent(&args.torrent)?;
+    let source = Source::parse(&args.source)?;
     check_mountpoint(&args.mountpoint)?;
     let (options, acl) = mount_options(&args)?;
     let mut cfg = TorrentConfig {
@@ -185,9 +186,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..TorrentConfig::default()
     };
     args.swarm.apply(&mut cfg)?;
-    let _lock = match &args.data_dir {
-        Some(d) => Some(lock_data_dir(d, &meta.info.name)?),
-        None => None,
+    // A magnet's name is known only after its metadata: its data dir is locked then.
+    let _lock = match (&args.data_dir, &source) {
+        (Some(d), Source::Torrent(meta)) => Some(lock_data_dir(d, &meta.info.name)?),
+        _ => None,
     };
 
     // Background mode forks before any thread exists (the tokio runtime comes after).
@@ -197,21 +199,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let log_file = args
             .log_file
             .clone()
-            .unwrap_or_else(|| default_log_file(&meta.info.name));
+            .unwrap_or_else(|| default_log_file(&source.name_hint()));
         Some(daemonize(&log_file)?)
     };
-    let result = serve(args, meta, cfg, options, acl, notify);
+    let result = serve(args, source, cfg, options, acl, notify);
     if let Err(e) = &result {
         log::error!("{e:#}");
     }
     result
 }
 
-/// Serves the mount; `notify` (background mode) hears "ok" once the mount is live, or the error.
+/// Serves the mount; `notify` (background mode) hears `status` lines while a magnet's metadata
+/// is fetched, then "ok" once the mount is live, or the error.
 fn serve(
     args: Args,
-    meta: Arc<crate::core::metainfo::Metainfo>,
-    cfg: TorrentConfig,
+    source: Source,
+    mut cfg: TorrentConfig,
     options: Vec<MountOption>,
     acl: SessionACL,
     mut notify: Option<std::fs::File>,
@@ -223,14 +226,52 @@ fn serve(
         e
     };
     let rt = tokio::runtime::Runtime::new()?;
+    let status = notify.as_ref();
     let started = rt.block_on(async {
         let listener = bind_listener(args.swarm.listen).await?;
         let session = Session::start(listener, args.swarm.session_config())?;
-        let progress = common::verify_progress(meta.info.lengths.piece_count());
-        let t = session.add_torrent(meta.clone(), cfg, progress).await?;
-        anyhow::Ok((session, t))
+        let started = async {
+            let on_progress = |p: &FetchProgress| match status {
+                Some(mut n) => {
+                    let _ = writeln!(n, "{STATUS_PREFIX}{}", common::fetch_progress_line(p));
+                }
+                None if common::is_terminal() => {
+                    eprint!("\r{}", common::fetch_progress_line(p));
+                }
+                None => {}
+            };
+            let resolved = common::resolve(
+                &session,
+                &source,
+                &args.swarm,
+                &args.metadata,
+                args.data_dir.as_deref(),
+                on_progress,
+            )
+            .await;
+            if status.is_none() && common::is_terminal() && matches!(source, Source::Magnet(_)) {
+                eprintln!();
+            }
+            let resolved = resolved?;
+            let meta = resolved.meta;
+            let lock = match (&args.data_dir, &source) {
+                (Some(d), Source::Magnet(_)) => Some(lock_data_dir(d, &meta.info.name)?),
+                _ => None,
+            };
+            cfg.found_peers = resolved.found_peers;
+            let progress = common::verify_progress(meta.info.lengths.piece_count());
+            let t = session.add_torrent(meta, cfg, progress).await?;
+            anyhow::Ok((t, lock))
+        };
+        match started.await {
+            Ok((t, lock)) => Ok((session, t, lock)),
+            Err(e) => {
+                session.shutdown().await;
+                Err(e)
+            }
+        }
     });
-    let (session, torrent) = match started {
+    let (session, torrent, _lock) = match started {
         Ok(x) => x,
         Err(e) => return Err(fail(&mut notify, e)),
     };
@@ -262,7 +303,7 @@ fn serve(
         }
         None => println!(
             "mounted {} at {} (listening on {})",
-            meta.info.name,
+            torrent.meta.info.name,
             args.mountpoint.display(),
             session.listen_addr
         ),
@@ -299,6 +340,10 @@ fn serve(
     Ok(())
 }
 
+/// Starts a progress line on the pipe from the background process to the waiting parent; any
+/// other text is the final word ("ok" or the error).
+const STATUS_PREFIX: &str = "status ";
+
 /// Forks; the parent waits for the child's word and exits, the child returns a pipe to report on
 /// and carries on detached from the terminal, logging to `log_file`.
 fn daemonize(log_file: &Path) -> anyhow::Result<std::fs::File> {
@@ -327,7 +372,25 @@ fn daemonize(log_file: &Path) -> anyhow::Result<std::fs::File> {
     if pid > 0 {
         drop(write_end);
         let mut msg = String::new();
-        let _ = std::fs::File::from(read_end).read_to_string(&mut msg);
+        let shown = common::is_terminal();
+        let mut last_status = false;
+        for line in std::io::BufReader::new(std::fs::File::from(read_end)).lines() {
+            let Ok(line) = line else { break };
+            match line.strip_prefix(STATUS_PREFIX) {
+                Some(status) if shown => {
+                    eprint!("\r{status}");
+                    last_status = true;
+                }
+                Some(_) => {}
+                None => {
+                    msg.push_str(if msg.is_empty() { "" } else { "\n" });
+                    msg.push_str(&line);
+                }
+            }
+        }
+        if last_status {
+            eprintln!();
+        }
         if msg == "ok" {
             std::process::exit(0);
         }

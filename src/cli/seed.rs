@@ -75,22 +75,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fetch_all: true,
         ..TorrentConfig::default()
     };
-    common::run_swarm(&args.swarm, meta, cfg, |session, t| async move {
-        let s = t.snapshot();
-        println!(
-            "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",
-            t.name(),
-            format_size(t.lengths.total_length()),
-            t.info_hash,
-            hex::encode(t.peer_id),
-            s.pieces_have,
-            s.pieces_total
-        );
-        common::spawn_status_line(t.clone());
-        common::termination_signal().await;
-        session.shutdown().await;
-        Ok(())
-    })
+    common::run_swarm(
+        &args.swarm,
+        &common::Source::Torrent(meta),
+        &common::MetadataArgs::default(),
+        cfg,
+        |session, t| async move {
+            let s = t.snapshot();
+            println!(
+                "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",
+                t.name(),
+                format_size(t.lengths.total_length()),
+                t.info_hash,
+                hex::encode(t.peer_id),
+                s.pieces_have,
+                s.pieces_total
+            );
+            common::spawn_status_line(t.clone());
+            common::termination_signal().await;
+            session.shutdown().await;
+            Ok(())
+        },
+    )
 }
 
 /// `seed PATH`: the torrent of PATH, written out; its data dir is PATH's parent.

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod choker;
 pub mod layout;
 pub mod magnet;
+pub mod metadata;
 pub mod metainfo;
 pub mod peer_proto;
 pub mod picker;

@@ -54,6 +54,8 @@ pub struct PeerConfig {
     pub client: String,
     /// Extensions we offer, by name; local ids are their positions + 1.
     pub offered_extensions: Vec<&'static str>,
+    /// The size of our info dictionary, offered in the extension handshake (BEP 9).
+    pub metadata_size: Option<u64>,
 }
 
 /// One input to the state machine.
@@ -221,7 +223,7 @@ impl PeerProto {
                 client: Some(self.cfg.client.clone()),
                 listen_port: Some(self.cfg.listen_port),
                 request_queue: Some(MAX_QUEUE as u32 * 2),
-                ..ExtendedHandshake::default()
+                metadata_size: self.cfg.metadata_size,
             };
             let payload = Bytes::from(hs.encode());
             self.send(Message::Extended { id: 0, payload }, now);
@@ -641,6 +643,7 @@ mod tests {
             listen_port: 6881,
             client: "test".into(),
             offered_extensions: Vec::new(),
+            metadata_size: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //!
 //! Imports point one way: `session` -> `ticker` -> `peer` -> `torrent` -> `state`; `reader`
 //! extends `torrent`. Time is read only through `tokio::time::Instant` (so tests may pause it).
+pub mod metadata;
 pub mod peer;
 pub mod reader;
 pub mod session;

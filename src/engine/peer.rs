@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::metadata::{self, MetadataMessage};
 use crate::core::peer_proto::{Action, CloseReason, Command, Input, PeerConfig, PeerProto};
 use crate::core::picker::PeerKey;
 use crate::core::wire::{BlockRequest, Handshake, Message};
@@ -76,7 +77,8 @@ pub async fn run(
         extensions: theirs.supports_extensions() && ours_hs.supports_extensions(),
         listen_port: t.listen_port,
         client: format!("swarmfs {}", env!("CARGO_PKG_VERSION")),
-        offered_extensions: Vec::new(),
+        offered_extensions: vec![metadata::EXTENSION_NAME],
+        metadata_size: Some(t.meta.info_bytes.len() as u64),
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -266,6 +268,19 @@ impl Conn {
                 Action::Rates { download, upload } => {
                     let sent = self.uploaded_since_tick;
                     self.t.lock().peer_rates(key, download, upload, sent);
+                }
+                Action::Extended { name, payload } if name == metadata::EXTENSION_NAME => {
+                    // BEP 9: answer requests for our info dictionary; ignore the rest.
+                    if let Ok(MetadataMessage::Request { piece }) =
+                        MetadataMessage::decode(&payload)
+                    {
+                        let answer = metadata::answer_request(&self.t.meta.info_bytes, piece);
+                        let payload = answer.encode().into();
+                        self.proto.handle(
+                            Input::Command(Command::SendExtended { name, payload }),
+                            now(),
+                        );
+                    }
                 }
                 Action::Extended { name, .. } => {
                     log::debug!("peer {key}: {name} message, which nothing handles yet");

@@ -14,19 +14,23 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::metainfo::Metainfo;
+use crate::core::metainfo::{InfoHash, Metainfo};
 use crate::core::wire::Handshake;
+use crate::engine::metadata::{self, FetchConfig, FetchProgress, Fetched};
 use crate::engine::tasks::{Failure, TaskGroup};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::net::peer;
+use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
 
 /// The default listening port; the next free one is taken if it is busy.
 pub const DEFAULT_PORT: u16 = 6881;
 /// Incoming connections still in their handshake, at most.
 pub const MAX_HANDSHAKES: usize = 32;
+/// `left` announced while a magnet's size is unknown.
+const METADATA_LEFT: u64 = 16 * 1024;
 /// How long shutdown waits for the listener and handshakes.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
 
@@ -136,6 +140,43 @@ impl Session {
         lock(&self.torrents).insert(t.info_hash.0, t.clone());
         t.start();
         Ok(t)
+    }
+
+    /// Fetches a magnet link's metadata from `peers` and the peers `trackers` return, until it
+    /// is verified (`None` if the session shuts down first; the caller bounds the wait).
+    /// Progress goes to `progress_tx`.
+    pub async fn fetch_metadata(
+        &self,
+        info_hash: InfoHash,
+        peers: Vec<SocketAddr>,
+        trackers: Vec<Vec<String>>,
+        progress_tx: watch::Sender<FetchProgress>,
+    ) -> Option<Fetched> {
+        let (peers_tx, peers_rx) = mpsc::unbounded_channel();
+        for p in peers {
+            let _ = peers_tx.send(p);
+        }
+        let tiers: Vec<Vec<String>> = trackers.into_iter().filter(|t| !t.is_empty()).collect();
+        // Dropped at the end without a `stopped` event: the torrent announces afresh.
+        let _announcer = (!tiers.is_empty()).then(|| {
+            // Trackers hear a leecher with something left; the real size is not known yet.
+            let (_totals_tx, totals) = watch::channel(TransferTotals {
+                left: METADATA_LEFT,
+                ..TransferTotals::default()
+            });
+            Announcer::spawn(
+                AnnouncerConfig::default(),
+                tiers,
+                info_hash.0,
+                self.peer_id,
+                self.listen_addr.port(),
+                totals,
+                peers_tx.clone(),
+            )
+        });
+        drop(peers_tx);
+        let cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());
+        metadata::fetch(cfg, peers_rx, progress_tx, self.tasks.token().child_token()).await
     }
 
     /// Stops accepting, shuts every torrent down, and returns once all their tasks are gone.

@@ -21,7 +21,7 @@ impl Torrent {
     pub fn start(self: &Arc<Self>) {
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
         self.start_announcer(peers_tx.clone());
-        for p in &self.cfg.peers {
+        for p in self.cfg.peers.iter().chain(&self.cfg.found_peers) {
             let _ = peers_tx.send(*p);
         }
         let t = self.clone();

@@ -43,6 +43,8 @@ pub struct TorrentConfig {
     pub max_peers: usize,
     /// `--peer`: connected to directly and re-tried while the torrent runs.
     pub peers: Vec<SocketAddr>,
+    /// Peers found while fetching a magnet's metadata: connected to at start, once.
+    pub found_peers: Vec<SocketAddr>,
     /// `--tracker`: added after the torrent's own trackers.
     pub trackers: Vec<String>,
     pub upload_rate: Option<u64>,
@@ -65,6 +67,7 @@ impl Default for TorrentConfig {
             cache_size: 256 << 20,
             max_peers: 50,
             peers: Vec::new(),
+            found_peers: Vec::new(),
             trackers: Vec::new(),
             upload_rate: None,
             download_rate: None,
