@@ -17,6 +17,7 @@ use crate::core::units::format_size;
 use crate::engine::metadata::FetchProgress;
 use crate::engine::session::{Session, SessionConfig};
 use crate::engine::torrent::{Torrent, TorrentConfig};
+use crate::engine::PeerSource;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SwarmArgs {
@@ -139,7 +140,7 @@ impl Default for MetadataArgs {
 /// A torrent ready to add, and the peers its metadata fetch found (connected to at start).
 pub struct Resolved {
     pub meta: Arc<Metainfo>,
-    pub found_peers: Vec<SocketAddr>,
+    pub found_peers: Vec<(SocketAddr, PeerSource)>,
 }
 
 /// Where `-d DIR` keeps a magnet's fetched metadata, so a restart does not fetch it again.
@@ -316,12 +317,13 @@ pub fn spawn_status_line(t: Arc<Torrent>) {
                 "ETA -".to_string()
             };
             bar.set_message(format!(
-                "{}  down {}/s  up {}/s  peers {} ({} seeds)  pieces {}/{}  {}",
+                "{}  down {}/s  up {}/s  peers {} ({} seeds; {})  pieces {}/{}  {}",
                 t.name(),
                 format_size(s.down_rate as u64),
                 format_size(s.up_rate as u64),
                 s.peers,
                 s.seeds,
+                s.sources,
                 s.pieces_have,
                 s.pieces_total,
                 eta
@@ -401,6 +403,16 @@ where
         let (session, t) = join_swarm(swarm, source, md, cfg).await?;
         body(session, t).await
     })
+}
+
+/// The closing lines of `seed` and `download` about where peers came from (tests read them).
+pub fn print_peer_sources(t: &Torrent) {
+    let s = t.snapshot();
+    println!("peers by source: {}", s.sources_ever);
+    println!(
+        "pex messages: {} sent, {} received",
+        s.pex_sent, s.pex_received
+    );
 }
 
 /// Prints where we listen (tests and scripts read this line) and flushes.

@@ -59,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 secs,
                 format_size((got as f64 / secs.max(0.001)) as u64)
             );
+            common::print_peer_sources(&t);
             // Where the bytes came from: tests and curious users read these lines.
             for (id, addr, bytes) in t.received_by_peer() {
                 println!(

@@ -420,18 +420,8 @@ mod tests {
         let mut a = MetadataAssembly::new(InfoHash([0; 20]), Duration::from_secs(1));
         a.peer_offers(40).unwrap();
         for _ in 0..20_000 {
-            let mut m = seeds[rng.gen_range(0..seeds.len())].clone();
-            for _ in 0..rng.gen_range(1..4) {
-                let i = rng.gen_range(0..m.len());
-                match rng.gen_range(0..3) {
-                    0 => m[i] = rng.gen(),
-                    1 => m.truncate(i),
-                    _ => m.insert(i, rng.gen()),
-                }
-                if m.is_empty() {
-                    break;
-                }
-            }
+            let seed = &seeds[rng.gen_range(0..seeds.len())];
+            let m = crate::core::mutate::mutate(&mut rng, seed);
             if let Ok(MetadataMessage::Data {
                 piece,
                 total_size,

@@ -2,11 +2,15 @@
 pub mod bencode;
 pub mod cache;
 pub mod choker;
+pub mod compact;
 pub mod layout;
 pub mod magnet;
 pub mod metadata;
 pub mod metainfo;
+#[cfg(test)]
+pub(crate) mod mutate;
 pub mod peer_proto;
+pub mod pex;
 pub mod picker;
 pub mod tracker_proto;
 pub mod units;

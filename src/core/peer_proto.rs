@@ -250,6 +250,20 @@ impl PeerProto {
 
     // ---- read-only views ----
 
+    /// The id the peer gave extension `name` in its handshake (None: not supported).
+    pub fn their_extension_id(&self, name: &str) -> Option<u8> {
+        let hs = self.their_handshake.as_ref()?;
+        hs.extensions
+            .iter()
+            .find(|(n, id)| n == name && *id != 0)
+            .map(|(_, id)| *id)
+    }
+
+    /// The listen port the peer gave in its extension handshake.
+    pub fn their_listen_port(&self) -> Option<u16> {
+        self.their_handshake.as_ref()?.listen_port
+    }
+
     pub fn bitfield(&self) -> &Bitfield {
         &self.theirs
     }
@@ -389,13 +403,7 @@ impl PeerProto {
                 }
             }
             Command::SendExtended { name, payload } => {
-                let id = self.their_handshake.as_ref().and_then(|hs| {
-                    hs.extensions
-                        .iter()
-                        .find(|(n, id)| n == name && *id != 0)
-                        .map(|(_, id)| *id)
-                });
-                if let Some(id) = id {
+                if let Some(id) = self.their_extension_id(name) {
                     self.send(Message::Extended { id, payload }, now);
                 }
             }

@@ -20,6 +20,7 @@ use crate::core::metadata::{
 use crate::core::metainfo::InfoHash;
 use crate::core::wire::{ExtendedHandshake, Handshake, Message};
 use crate::engine::tasks::{Failure, TaskGroup};
+use crate::engine::PeerSource;
 use crate::net::peer::{self, Outgoing, PeerIoError, PeerWriter};
 
 /// Our id for `ut_metadata` in the extension handshake we send.
@@ -77,7 +78,7 @@ pub struct FetchProgress {
 pub struct Fetched {
     pub info_bytes: Vec<u8>,
     /// Every address heard of, those that answered first.
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<(SocketAddr, PeerSource)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +100,7 @@ enum FetchPeerError {
 struct Inner {
     assembly: MetadataAssembly,
     result: Option<Vec<u8>>,
-    known: HashSet<SocketAddr>,
+    known: HashMap<SocketAddr, PeerSource>,
     queue: VecDeque<SocketAddr>,
     answered: Vec<SocketAddr>,
     /// Peers that sent pieces of corrupt metadata.
@@ -136,7 +137,7 @@ impl Shared {
 /// `cancel` fires (the caller bounds the wait). Progress goes to `progress_tx`.
 pub async fn fetch(
     cfg: FetchConfig,
-    mut peers_rx: mpsc::UnboundedReceiver<SocketAddr>,
+    mut peers_rx: mpsc::UnboundedReceiver<(SocketAddr, PeerSource)>,
     progress_tx: watch::Sender<FetchProgress>,
     cancel: CancellationToken,
 ) -> Option<Fetched> {
@@ -144,7 +145,7 @@ pub async fn fetch(
         inner: Mutex::new(Inner {
             assembly: MetadataAssembly::new(cfg.info_hash, cfg.request_timeout),
             result: None,
-            known: HashSet::new(),
+            known: HashMap::new(),
             queue: VecDeque::new(),
             answered: Vec::new(),
             banned: HashSet::new(),
@@ -166,9 +167,10 @@ pub async fn fetch(
         }
         tokio::select! {
             addr = peers_rx.recv(), if discovery_open => match addr {
-                Some(addr) => {
+                Some((addr, source)) => {
                     let mut inner = shared.lock();
-                    if inner.known.len() < MAX_KNOWN && inner.known.insert(addr) {
+                    if inner.known.len() < MAX_KNOWN && !inner.known.contains_key(&addr) {
+                        inner.known.insert(addr, source);
                         inner.queue.push_back(addr);
                         inner.progress.peers_found += 1;
                         shared.publish(&mut inner);
@@ -184,8 +186,16 @@ pub async fn fetch(
     tasks.shutdown(Duration::from_secs(1)).await;
     let info_bytes = result?;
     let inner = shared.lock();
-    let mut peers = inner.answered.clone();
-    peers.extend(inner.known.iter().filter(|a| !inner.answered.contains(a)));
+    let source = |a: &SocketAddr| inner.known.get(a).copied().unwrap_or(PeerSource::Direct);
+    let mut peers: Vec<(SocketAddr, PeerSource)> =
+        inner.answered.iter().map(|a| (*a, source(a))).collect();
+    peers.extend(
+        inner
+            .known
+            .iter()
+            .filter(|(a, _)| !inner.answered.contains(a))
+            .map(|(a, s)| (*a, *s)),
+    );
     Some(Fetched { info_bytes, peers })
 }
 

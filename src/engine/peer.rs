@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::metadata::{self, MetadataMessage};
 use crate::core::peer_proto::{Action, CloseReason, Command, Input, PeerConfig, PeerProto};
+use crate::core::pex::{self, PexMessage, PexSent};
 use crate::core::picker::PeerKey;
 use crate::core::wire::{BlockRequest, Handshake, Message};
 use crate::engine::torrent::Torrent;
+use crate::engine::PeerSource;
 use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 
 /// Upload bytes queued for one peer beyond which its requests are rejected.
@@ -53,34 +55,43 @@ pub async fn connect_and_run(t: Arc<Torrent>, addr: SocketAddr) -> Result<(), Pe
     let r = peer::connect(addr, &ours).await;
     t.lock().connect_finished();
     let (theirs, reader, writer) = r?;
-    run(t, addr, theirs, reader, writer).await
+    run(t, addr, true, theirs, reader, writer).await
 }
 
-/// Runs an established connection until it ends.
+/// Runs an established connection (`outgoing`: we opened it) until it ends.
 pub async fn run(
     t: Arc<Torrent>,
     addr: SocketAddr,
+    outgoing: bool,
     theirs: Handshake,
     reader: PeerReader,
     writer: PeerWriter,
 ) -> Result<(), PeerError> {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let cancel = t.tasks.token().child_token();
-    let Some((key, ours)) = t.peer_joined(addr, theirs.peer_id, cmd_tx, cancel.clone()) else {
+    let Some((key, ours)) = t.peer_joined(addr, outgoing, theirs.peer_id, cmd_tx, cancel.clone())
+    else {
         return Err(PeerError::NotAccepted);
     };
     log::debug!("peer {addr} connected ({})", client_name(&theirs.peer_id));
     let ours_hs = Handshake::new(t.info_hash.0, t.peer_id);
+    // BEP 27: a private torrent's peers come from its trackers only.
+    let pex_enabled = !t.meta.info.private;
     let cfg = PeerConfig {
         lengths: t.lengths,
         fast: theirs.supports_fast() && ours_hs.supports_fast(),
         extensions: theirs.supports_extensions() && ours_hs.supports_extensions(),
         listen_port: t.listen_port,
         client: format!("swarmfs {}", env!("CARGO_PKG_VERSION")),
-        offered_extensions: vec![metadata::EXTENSION_NAME],
+        offered_extensions: if pex_enabled {
+            vec![metadata::EXTENSION_NAME, pex::EXTENSION_NAME]
+        } else {
+            vec![metadata::EXTENSION_NAME]
+        },
         metadata_size: Some(t.meta.info_bytes.len() as u64),
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let uploaded = Arc::new(AtomicU64::new(0));
     let mut conn = Conn {
@@ -88,9 +99,13 @@ pub async fn run(
         key,
         proto: PeerProto::new(cfg, ours, now()),
         out: out_tx,
+        urgent: urgent_tx,
         queued: queued.clone(),
         uploaded: uploaded.clone(),
         uploaded_since_tick: 0,
+        pex_enabled,
+        pex: PexSent::default(),
+        listen_port_known: false,
     };
     // The writer is its own task, so a blocked socket write never holds up reading. When it
     // fails it cancels `writer_gone`, which ends the read loop; it is aborted if this task is
@@ -99,7 +114,10 @@ pub async fn run(
     let mut writer = AbortOnDrop(tokio::spawn(write_loop(
         t.clone(),
         writer,
-        out_rx,
+        Queues {
+            data: out_rx,
+            urgent: urgent_rx,
+        },
         queued,
         uploaded,
         writer_gone.clone(),
@@ -145,11 +163,50 @@ fn outgoing_size(item: &Outgoing) -> usize {
         }
 }
 
-/// Writes queued messages and blocks; flushes when the queue runs dry.
+/// Whether a message may overtake queued blocks: anything but the data and the messages about
+/// serving it. The opening bitfield jumps too, so it stays ahead of every `Have`.
+fn jumps_the_queue(item: &Outgoing) -> bool {
+    match item {
+        Outgoing::Block { .. } => false,
+        Outgoing::Message(m) => !matches!(
+            m,
+            Message::Choke
+                | Message::Unchoke
+                | Message::Reject(_)
+                | Message::AllowedFast(_)
+                | Message::Suggest(_)
+        ),
+    }
+}
+
+/// The writer's two queues (see `Conn::urgent`).
+struct Queues {
+    data: mpsc::UnboundedReceiver<Outgoing>,
+    urgent: mpsc::UnboundedReceiver<Outgoing>,
+}
+
+impl Queues {
+    async fn recv(&mut self) -> Option<Outgoing> {
+        tokio::select! {
+            biased;
+            Some(m) = self.urgent.recv() => Some(m),
+            m = self.data.recv() => m,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Outgoing> {
+        self.urgent
+            .try_recv()
+            .or_else(|_| self.data.try_recv())
+            .ok()
+    }
+}
+
+/// Writes queued messages and blocks; flushes when the queues run dry.
 async fn write_loop(
     t: Arc<Torrent>,
     mut writer: PeerWriter,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: Queues,
     queued: Arc<AtomicUsize>,
     uploaded: Arc<AtomicU64>,
     gone: CancellationToken,
@@ -169,7 +226,7 @@ async fn write_loop(
             if let Outgoing::Block { data, .. } = &item {
                 sent += data.len() as u64;
             }
-            next = rx.try_recv().ok();
+            next = rx.try_recv();
         }
         writer.flush().await?;
         // Counted once per batch, not per block.
@@ -186,12 +243,21 @@ struct Conn {
     t: Arc<Torrent>,
     key: PeerKey,
     proto: PeerProto,
+    /// Blocks and the messages whose order relative to them matters (choke, unchoke, reject).
     out: mpsc::UnboundedSender<Outgoing>,
+    /// Everything else (requests, haves, extension messages): sent before queued blocks, so
+    /// under an upload cap our requests and PEX do not wait behind megabytes of piece data.
+    urgent: mpsc::UnboundedSender<Outgoing>,
     /// Bytes queued for the writer and not yet written.
     queued: Arc<AtomicUsize>,
     /// Block bytes the writer sent; taken at each tick.
     uploaded: Arc<AtomicU64>,
     uploaded_since_tick: u64,
+    /// PEX (BEP 11) runs on this connection: the torrent is not private.
+    pex_enabled: bool,
+    pex: PexSent,
+    /// The peer's listen port went to the torrent (for PEX contacts).
+    listen_port_known: bool,
 }
 
 impl Conn {
@@ -233,6 +299,7 @@ impl Conn {
                     self.uploaded_since_tick = self.uploaded.swap(0, Ordering::Relaxed);
                     let uploaded = self.uploaded_since_tick;
                     self.proto.handle(Input::Tick { uploaded }, now());
+                    self.exchange_peers();
                     self.apply().await?;
                 }
             }
@@ -282,6 +349,12 @@ impl Conn {
                         );
                     }
                 }
+                Action::Extended { name, payload } if name == pex::EXTENSION_NAME => {
+                    match PexMessage::decode(&payload) {
+                        Ok(msg) => self.peers_exchanged(msg),
+                        Err(e) => log::debug!("peer {key}: {e}"),
+                    }
+                }
                 Action::Extended { name, .. } => {
                     log::debug!("peer {key}: {name} message, which nothing handles yet");
                 }
@@ -294,13 +367,57 @@ impl Conn {
         Ok(())
     }
 
+    /// Once a tick: tells the torrent the peer's listen port when it first knows it, and sends
+    /// a PEX message when one is due.
+    fn exchange_peers(&mut self) {
+        if !self.listen_port_known {
+            if let Some(port) = self.proto.their_listen_port() {
+                self.t.lock().peer_listen_port(self.key, port);
+                self.listen_port_known = true;
+            }
+        }
+        if !self.pex_enabled || self.proto.their_extension_id(pex::EXTENSION_NAME).is_none() {
+            return;
+        }
+        let contacts = self.t.lock().pex_contacts(self.key);
+        if let Some(msg) = self.pex.next(&contacts, now()) {
+            self.t.counters.pex_sent.fetch_add(1, Ordering::Relaxed);
+            let payload = msg.encode().into();
+            let name = pex::EXTENSION_NAME;
+            self.proto.handle(
+                Input::Command(Command::SendExtended { name, payload }),
+                now(),
+            );
+        }
+    }
+
+    /// A PEX message arrived: its added contacts become candidates.
+    fn peers_exchanged(&mut self, msg: PexMessage) {
+        if !self.pex_enabled {
+            return;
+        }
+        self.t.counters.pex_received.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.t.lock();
+            for (addr, _flags) in msg.added {
+                st.add_candidate(addr, PeerSource::Pex);
+            }
+        }
+        self.t.connect_more();
+    }
+
     fn send(&mut self, item: Outgoing) -> Result<(), PeerError> {
         let size = outgoing_size(&item);
         let before = self.queued.fetch_add(size, Ordering::Relaxed);
         if before + size > MAX_SEND_QUEUE {
             return Err(PeerError::NotReading(before));
         }
-        self.out.send(item).map_err(|_| PeerError::Dropped)
+        let queue = if jumps_the_queue(&item) {
+            &self.urgent
+        } else {
+            &self.out
+        };
+        queue.send(item).map_err(|_| PeerError::Dropped)
     }
 
     /// Serves a request the state machine accepted, from the cache or the disk.

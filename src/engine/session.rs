@@ -22,6 +22,7 @@ use crate::core::wire::Handshake;
 use crate::engine::metadata::{self, FetchConfig, FetchProgress, Fetched};
 use crate::engine::tasks::{Failure, TaskGroup};
 use crate::engine::torrent::{Torrent, TorrentConfig};
+use crate::engine::PeerSource;
 use crate::net::peer;
 use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
 
@@ -154,8 +155,18 @@ impl Session {
     ) -> Option<Fetched> {
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
         for p in peers {
-            let _ = peers_tx.send(p);
+            let _ = peers_tx.send((p, PeerSource::Direct));
         }
+        let (tracker_tx, mut tracker_rx) = mpsc::unbounded_channel();
+        let forward = peers_tx.clone();
+        // Ends when the announcer (its sender) is dropped at the end of the fetch.
+        tokio::spawn(async move {
+            while let Some(addr) = tracker_rx.recv().await {
+                if forward.send((addr, PeerSource::Tracker)).is_err() {
+                    break;
+                }
+            }
+        });
         let tiers: Vec<Vec<String>> = trackers.into_iter().filter(|t| !t.is_empty()).collect();
         // Dropped at the end without a `stopped` event: the torrent announces afresh.
         let _announcer = (!tiers.is_empty()).then(|| {
@@ -171,7 +182,7 @@ impl Session {
                 self.peer_id,
                 self.listen_addr.port(),
                 totals,
-                peers_tx.clone(),
+                tracker_tx,
             )
         });
         drop(peers_tx);
@@ -214,7 +225,7 @@ async fn answer(
     let owner = t.clone();
     owner.tasks.spawn("peer-in", Failure::Routine, async move {
         let _slot = slot;
-        crate::engine::peer::run(t, addr, theirs, r, w).await
+        crate::engine::peer::run(t, addr, false, theirs, r, w).await
     });
     Ok(())
 }

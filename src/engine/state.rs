@@ -24,7 +24,9 @@ use crate::core::cache::PieceCache;
 use crate::core::choker::{Choker, ChokerConfig, PeerSample};
 use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
 use crate::core::peer_proto::Command;
+use crate::core::pex;
 use crate::core::picker::{BlockOutcome, PeerKey, Picker};
+use crate::engine::{PeerSource, SourceCounts};
 
 /// Strike points before a peer is banned: a failed piece it sent alone costs 2, one it shared
 /// with other peers 1 (the bad blocks may be someone else's), so three sole failures ban it
@@ -67,6 +69,10 @@ pub(crate) struct StateConfig {
 
 struct PeerEntry {
     addr: SocketAddr,
+    /// Where others can connect to it: its address if we connected to it, else the listen
+    /// port its extension handshake gave (for PEX).
+    listen_addr: Option<SocketAddr>,
+    source: PeerSource,
     peer_id: [u8; 20],
     tx: mpsc::UnboundedSender<Command>,
     /// Cancelled to drop the connection (a ban, or the torrent shutting down).
@@ -120,7 +126,9 @@ pub(crate) struct State {
     next_peer_key: PeerKey,
     /// Addresses learned and not yet tried (deduplicated with `known`).
     candidates: VecDeque<SocketAddr>,
-    known: LruCache<SocketAddr, ()>,
+    known: LruCache<SocketAddr, PeerSource>,
+    /// Peers that ever joined, by source.
+    joined_by_source: SourceCounts,
     connecting: usize,
     /// Peers banned for corrupt data, by address and by peer id (on loopback every peer shares
     /// an IP, so an IP ban would be too wide).
@@ -158,6 +166,7 @@ impl State {
             next_peer_key: 1,
             candidates: VecDeque::new(),
             known: bounded(MAX_KNOWN_ADDRS),
+            joined_by_source: SourceCounts::default(),
             connecting: 0,
             banned_addrs: bounded(MAX_BANNED),
             banned_ids: bounded(MAX_BANNED),
@@ -270,9 +279,9 @@ impl State {
 
     // ---- connections ----
 
-    /// A peer address from a tracker, `--peer` or the listener's view; ignored if known,
+    /// A peer address from discovery (`--peer`, trackers, the DHT, PEX); ignored if known,
     /// banned or ourselves.
-    pub fn add_candidate(&mut self, addr: SocketAddr) {
+    pub fn add_candidate(&mut self, addr: SocketAddr, source: PeerSource) {
         if self.banned_addrs.contains(&addr) || self.known.contains(&addr) {
             return;
         }
@@ -282,7 +291,7 @@ impl State {
         if self.candidates.len() >= MAX_CANDIDATES {
             return;
         }
-        self.known.put(addr, ());
+        self.known.put(addr, source);
         self.candidates.push_back(addr);
     }
 
@@ -290,7 +299,7 @@ impl State {
     pub fn requeue(&mut self, addr: SocketAddr) {
         let connected = self.peers.values().any(|p| p.addr == addr);
         if !connected && !self.candidates.contains(&addr) && !self.banned_addrs.contains(&addr) {
-            self.known.put(addr, ());
+            self.known.put(addr, PeerSource::Direct);
             self.candidates.push_back(addr);
         }
     }
@@ -319,6 +328,7 @@ impl State {
     pub fn peer_joined(
         &mut self,
         addr: SocketAddr,
+        outgoing: bool,
         peer_id: [u8; 20],
         tx: mpsc::UnboundedSender<Command>,
         cancel: CancellationToken,
@@ -334,10 +344,21 @@ impl State {
         }
         let key = self.next_peer_key;
         self.next_peer_key += 1;
+        let source = match outgoing {
+            true => self
+                .known
+                .peek(&addr)
+                .copied()
+                .unwrap_or(PeerSource::Direct),
+            false => PeerSource::Incoming,
+        };
+        self.joined_by_source.add(source);
         self.peers.insert(
             key,
             PeerEntry {
                 addr,
+                listen_addr: outgoing.then_some(addr),
+                source,
                 peer_id,
                 tx,
                 cancel,
@@ -371,6 +392,43 @@ impl State {
         self.choker.peer_gone(key);
         self.wake_peers();
         self.debug_check();
+    }
+
+    /// An incoming peer told its listen port (extension handshake): others may connect there.
+    pub fn peer_listen_port(&mut self, key: PeerKey, port: u16) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            if p.listen_addr.is_none() && port != 0 {
+                p.listen_addr = Some(SocketAddr::new(p.addr.ip(), port));
+            }
+        }
+    }
+
+    /// The peers `key` may hear of through PEX: every other connected peer we know a listen
+    /// address of, with its BEP 11 flags.
+    pub fn pex_contacts(&self, key: PeerKey) -> Vec<(SocketAddr, u8)> {
+        self.peers
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .filter_map(|(_, p)| {
+                let mut flags = 0;
+                if p.is_seed {
+                    flags |= pex::FLAG_SEED;
+                }
+                if p.listen_addr == Some(p.addr) {
+                    flags |= pex::FLAG_REACHABLE;
+                }
+                Some((p.listen_addr?, flags))
+            })
+            .collect()
+    }
+
+    /// Connected peers by source, and every peer that ever joined by source.
+    pub fn peer_sources(&self) -> (SourceCounts, SourceCounts) {
+        let mut now = SourceCounts::default();
+        for p in self.peers.values() {
+            now.add(p.source);
+        }
+        (now, self.joined_by_source)
     }
 
     pub fn peer_has(&mut self, piece: PieceIndex) {
@@ -803,7 +861,14 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let addr: SocketAddr = format!("127.0.0.1:{}", 1000 + id as u16).parse().unwrap();
         let (key, _) = st
-            .peer_joined(addr, [id; 20], tx, CancellationToken::new(), Instant::now())
+            .peer_joined(
+                addr,
+                true,
+                [id; 20],
+                tx,
+                CancellationToken::new(),
+                Instant::now(),
+            )
             .unwrap();
         (key, rx)
     }
@@ -915,6 +980,7 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         let again = st.peer_joined(
             "127.0.0.1:1002".parse().unwrap(),
+            true,
             [9; 20],
             tx,
             CancellationToken::new(),
@@ -928,7 +994,7 @@ mod tests {
         let mut st = state(1, 1, ".");
         for i in 0..(MAX_KNOWN_ADDRS as u32 + 5_000) {
             let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
-            st.add_candidate(SocketAddr::from((ip, 1)));
+            st.add_candidate(SocketAddr::from((ip, 1)), PeerSource::Tracker);
         }
         assert_eq!(st.candidates.len(), MAX_CANDIDATES);
         assert!(st.known.len() <= MAX_KNOWN_ADDRS);
@@ -938,7 +1004,7 @@ mod tests {
             let (tx, _rx) = mpsc::unbounded_channel();
             let addr = SocketAddr::from(([127, 0, 0, 1], 2000 + (i % 60000) as u16));
             let (k, _) = st
-                .peer_joined(addr, id, tx, CancellationToken::new(), Instant::now())
+                .peer_joined(addr, true, id, tx, CancellationToken::new(), Instant::now())
                 .unwrap();
             st.peer_left(k, &Bitfield::new(1));
         }

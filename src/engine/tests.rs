@@ -109,7 +109,7 @@ async fn attach(t: &Arc<Torrent>, fast: bool, pipe_bytes: usize) -> ScriptedPeer
     let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
     let tc = t.clone();
     t.tasks.spawn("test-peer", Failure::Routine, async move {
-        crate::engine::peer::run(tc, addr, their_hs, reader, writer).await
+        crate::engine::peer::run(tc, addr, false, their_hs, reader, writer).await
     });
     ScriptedPeer {
         rd: trd,

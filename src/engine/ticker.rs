@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::engine::peer;
 use crate::engine::tasks::Failure;
 use crate::engine::torrent::Torrent;
+use crate::engine::PeerSource;
 
 /// Explicit `--peer`s are retried this often after a disconnect.
 const RETRY_EXPLICIT_EVERY: Duration = Duration::from_secs(5);
@@ -20,10 +21,25 @@ impl Torrent {
     /// Starts the announcer, the ticker and the connector on the current runtime.
     pub fn start(self: &Arc<Self>) {
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
-        self.start_announcer(peers_tx.clone());
-        for p in self.cfg.peers.iter().chain(&self.cfg.found_peers) {
+        let (tracker_tx, mut tracker_rx) = mpsc::unbounded_channel();
+        self.start_announcer(tracker_tx);
+        let forward = peers_tx.clone();
+        self.tasks
+            .spawn("tracker-peers", Failure::Routine, async move {
+                while let Some(addr) = tracker_rx.recv().await {
+                    if forward.send((addr, PeerSource::Tracker)).is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        for p in &self.cfg.peers {
+            let _ = peers_tx.send((*p, PeerSource::Direct));
+        }
+        for p in &self.cfg.found_peers {
             let _ = peers_tx.send(*p);
         }
+        drop(peers_tx);
         let t = self.clone();
         self.tasks.spawn("ticker", Failure::Serious, async move {
             t.run_ticker(peers_rx).await;
@@ -31,7 +47,10 @@ impl Torrent {
         });
     }
 
-    async fn run_ticker(self: Arc<Self>, mut peers_rx: mpsc::UnboundedReceiver<SocketAddr>) {
+    async fn run_ticker(
+        self: Arc<Self>,
+        mut peers_rx: mpsc::UnboundedReceiver<(SocketAddr, PeerSource)>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut retry_explicit = Instant::now();
         // Without trackers every sender is gone at once; a closed channel must not spin.
@@ -40,8 +59,8 @@ impl Torrent {
             tokio::select! {
                 addr = peers_rx.recv(), if discovery_open => {
                     match addr {
-                        Some(addr) => {
-                            self.lock().add_candidate(addr);
+                        Some((addr, source)) => {
+                            self.lock().add_candidate(addr, source);
                             self.connect_more();
                         }
                         None => discovery_open = false,
@@ -75,7 +94,7 @@ impl Torrent {
         }
     }
 
-    fn connect_more(self: &Arc<Self>) {
+    pub(crate) fn connect_more(self: &Arc<Self>) {
         loop {
             let Some(addr) = self.lock().start_connect() else {
                 return;

@@ -30,6 +30,7 @@ use crate::core::picker::PeerKey;
 use crate::disk::Store;
 use crate::engine::state::{BlockArrival, State, StateConfig};
 use crate::engine::tasks::TaskGroup;
+use crate::engine::{PeerSource, SourceCounts};
 use crate::net::ratelimit::RateLimiter;
 use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
 
@@ -44,7 +45,7 @@ pub struct TorrentConfig {
     /// `--peer`: connected to directly and re-tried while the torrent runs.
     pub peers: Vec<SocketAddr>,
     /// Peers found while fetching a magnet's metadata: connected to at start, once.
-    pub found_peers: Vec<SocketAddr>,
+    pub found_peers: Vec<(SocketAddr, PeerSource)>,
     /// `--tracker`: added after the torrent's own trackers.
     pub trackers: Vec<String>,
     pub upload_rate: Option<u64>,
@@ -85,6 +86,9 @@ pub struct Counters {
     pub uploaded: AtomicU64,
     pub wasted: AtomicU64,
     pub hash_failures: AtomicU64,
+    /// PEX messages sent and received (BEP 11).
+    pub pex_sent: AtomicU64,
+    pub pex_received: AtomicU64,
 }
 
 /// A point-in-time view for progress lines and the mount's attributes.
@@ -101,6 +105,11 @@ pub struct Snapshot {
     pub bytes_left: u64,
     pub cache_used: u64,
     pub hash_failures: u64,
+    /// Connected peers by source, and every peer that ever joined by source.
+    pub sources: SourceCounts,
+    pub sources_ever: SourceCounts,
+    pub pex_sent: u64,
+    pub pex_received: u64,
 }
 
 pub struct Torrent {
@@ -307,7 +316,12 @@ impl Torrent {
     pub fn snapshot(&self) -> Snapshot {
         let st = self.lock();
         let totals = st.peer_totals();
+        let (sources, sources_ever) = st.peer_sources();
         Snapshot {
+            sources,
+            sources_ever,
+            pex_sent: self.counters.pex_sent.load(Ordering::Relaxed),
+            pex_received: self.counters.pex_received.load(Ordering::Relaxed),
             downloaded: self.counters.downloaded.load(Ordering::Relaxed),
             uploaded: self.counters.uploaded.load(Ordering::Relaxed),
             down_rate: totals.down_rate as f64,
@@ -343,6 +357,7 @@ impl Torrent {
     pub(crate) fn peer_joined(
         &self,
         addr: SocketAddr,
+        outgoing: bool,
         peer_id: [u8; 20],
         tx: mpsc::UnboundedSender<Command>,
         cancel: CancellationToken,
@@ -350,8 +365,14 @@ impl Torrent {
         if self.is_shutting_down() {
             return None;
         }
-        self.lock()
-            .peer_joined(addr, peer_id, tx, cancel, Instant::now().into_std())
+        self.lock().peer_joined(
+            addr,
+            outgoing,
+            peer_id,
+            tx,
+            cancel,
+            Instant::now().into_std(),
+        )
     }
 
     /// Up to `max` blocks for `key`, or none while the hashing / disk backlog is full (it wakes

@@ -17,7 +17,7 @@ use tokio::runtime::Handle;
 
 use crate::engine::reader::StreamId;
 use crate::engine::torrent::Torrent;
-use crate::fuse::inode::{InodeTable, Node, NodeKind};
+use crate::fuse::inode::{InodeTable, Node, NodeKind, ROOT_INO};
 
 /// The content never changes, so the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -27,6 +27,8 @@ const MAX_READ: u32 = 1 << 20;
 pub const XATTR_PROGRESS: &str = "user.swarmfs.progress";
 pub const XATTR_INFOHASH: &str = "user.swarmfs.infohash";
 pub const XATTR_PIECES: &str = "user.swarmfs.pieces";
+/// On the torrent's top entry (and the mount's root): connected peers by source.
+pub const XATTR_PEERS: &str = "user.swarmfs.peers";
 
 pub struct TorrentFs {
     torrent: Arc<Torrent>,
@@ -109,6 +111,9 @@ impl TorrentFs {
             XATTR_PROGRESS => Ok(format!("{:.4}", self.torrent.progress_of(pieces)).into_bytes()),
             XATTR_PIECES if pieces.is_empty() => Ok(b"none".to_vec()),
             XATTR_PIECES => Ok(format!("{}-{}", pieces.start, pieces.end - 1).into_bytes()),
+            XATTR_PEERS if node.parent == ROOT_INO => {
+                Ok(self.torrent.snapshot().sources.key_values().into_bytes())
+            }
             _ => Err(Errno::NO_XATTR),
         }
     }
@@ -288,11 +293,15 @@ impl Filesystem for TorrentFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if self.inodes.get(ino.0).is_none() {
+        let Some(node) = self.inodes.get(ino.0) else {
             return reply.error(Errno::ENOENT);
-        }
+        };
+        let top = node.parent == ROOT_INO;
         let mut list = Vec::new();
-        for n in [XATTR_PROGRESS, XATTR_INFOHASH, XATTR_PIECES] {
+        for n in [XATTR_PROGRESS, XATTR_INFOHASH, XATTR_PIECES, XATTR_PEERS] {
+            if n == XATTR_PEERS && !top {
+                continue;
+            }
             list.extend_from_slice(n.as_bytes());
             list.push(0);
         }
