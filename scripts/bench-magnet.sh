@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark of magnet links on 127.0.0.1: `swarmfs mount MAGNET MNT` from command start until the
 # files are visible (the command returns only then), median of 5, against a local seeder that is
-# the magnet's only peer (x.pe): a swarmfs seeder, a python3-libtorrent seeder, and btfs on the
-# same magnet when it is installed. Prints figures; asserts nothing. As root it runs inside a
-# private network namespace with only loopback (btfs/libtorrent would otherwise try public DHT
-# routers); our own mount runs with --no-dht.
+# the magnet's only peer (x.pe): a swarmfs seeder and a python3-libtorrent seeder. Prints
+# figures; asserts nothing. As root it runs inside a private network namespace with only
+# loopback; our own mount runs with --no-dht. (btfs is not measured: given the same magnet, with
+# x.pe or with a loopback tracker, it showed no files within 20 s in that namespace.)
 #
 #   scripts/bench-magnet.sh          # builds the release binary first
 #   SWARMFS=path/to/swarmfs RUNS=9 scripts/bench-magnet.sh
@@ -20,7 +20,9 @@ if [ -z "${SWARMFS:-}" ]; then
     export SWARMFS=$repo/${CARGO_TARGET_DIR:-target}/release/swarmfs
 fi
 . scripts/netns.sh
-in_loopback_netns "$0" "$@" || echo "bench-magnet: not root: running without network isolation (btfs skipped)"
+if ! in_loopback_netns "$0" "$@" && [ -z "${SWARMFS_NETNS:-}" ]; then
+    echo "bench-magnet: not root: running without network isolation (btfs skipped)"
+fi
 
 work=$(mktemp -d /tmp/bench-magnet.XXXXXX)
 mnt=$work/mnt
@@ -59,7 +61,9 @@ t0 = time.perf_counter()
 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 while not os.path.exists(os.path.join(mnt, "set", "video.bin")):
     if time.perf_counter() - t0 > 60:
-        sys.exit("files not visible after 60 s")
+        p.kill()
+        print("none")  # not visible within 60 s
+        sys.exit(0)
     time.sleep(0.002)
 print("%.0f" % ((time.perf_counter() - t0) * 1000))
 try:
@@ -73,8 +77,15 @@ PY
 
 run_series() { # LABEL CMD...
     local label=$1; shift
-    local all=()
-    for _ in $(seq "$RUNS"); do all+=("$(time_mount "$@")"); done
+    local all=() t
+    for _ in $(seq "$RUNS"); do
+        t=$(time_mount "$@")
+        if [ "$t" = none ]; then
+            printf '  %-34s files not visible within 60 s\n' "$label"
+            return
+        fi
+        all+=("$t")
+    done
     printf '  %-34s median %5s ms   (runs: %s)\n' "$label" "$(printf '%s\n' "${all[@]}" | median)" "${all[*]}"
 }
 
@@ -94,11 +105,6 @@ if "$LT_PYTHON" -c 'import libtorrent' 2>/dev/null; then
     lt_addr=$(grep -o 'listening on [^ ]*' "$work/lt.out" | head -1 | cut -d' ' -f3)
     lt_magnet="magnet:?xt=urn:btih:$hash&dn=set&x.pe=$lt_addr"
     run_series "swarmfs mount <- libtorrent seeder" "$SWARMFS" mount "$lt_magnet" "$mnt" --no-dht --listen 127.0.0.1:0 --log-file "$work/mount-lt.log"
-    if [ -n "${SWARMFS_NETNS:-}" ] && command -v btfs >/dev/null; then
-        run_series "btfs <- libtorrent seeder" btfs "$lt_magnet" "$mnt"
-    else
-        echo "  btfs: skipped (needs btfs and the loopback-only namespace, i.e. root)"
-    fi
 else
-    echo "  libtorrent seeder and btfs: skipped (python3-libtorrent missing)"
+    echo "  libtorrent seeder: skipped (python3-libtorrent missing)"
 fi
