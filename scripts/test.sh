@@ -10,6 +10,7 @@ declare -A pkg_for=(
   [fusermount3]=fuse3 [getfattr]=attr [mktorrent]=mktorrent
   [transmission-show]=transmission-cli [transmission-create]=transmission-cli
   [aria2c]=aria2 [opentracker]=opentracker [ip]=iproute2
+  [ffmpeg]=ffmpeg [ffprobe]=ffmpeg [zip]=zip [unzip]=unzip [sqlite3]=sqlite3
 )
 missing=()
 for cmd in "${!pkg_for[@]}"; do

@@ -91,12 +91,16 @@ struct PeerEntry {
 }
 
 /// A sequential reader's readahead window (one per open file handle).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ReadStream {
     next_offset: u64,
     window: u64,
     /// End of the file this stream reads (the window never crosses it).
     end: u64,
+    /// The file's first and last pieces, fetched right after waiting reads and before any
+    /// readahead (players and archivers read the end soon: MP4 `moov`, MKV cues, ZIP central
+    /// directory); each is dropped from here once held, so it is fetched once.
+    index: Vec<PieceIndex>,
 }
 
 pub type StreamId = u64;
@@ -707,14 +711,32 @@ impl State {
     pub fn open_stream(&mut self, start: u64, end: u64) -> StreamId {
         let id = self.next_stream;
         self.next_stream += 1;
+        let lengths = self.cfg.lengths;
+        let mut index: Vec<PieceIndex> = Vec::new();
+        if end > start {
+            for offset in [start, end - 1] {
+                let first = lengths.pieces_for_range(offset, 1).start;
+                if let Some(p) = lengths.piece(first) {
+                    if !self.picker.has(p) && !index.contains(&p) {
+                        index.push(p);
+                    }
+                }
+            }
+        }
         self.streams.insert(
             id,
             ReadStream {
                 next_offset: start,
                 window: 0,
                 end,
+                index: index.clone(),
             },
         );
+        self.apply_readahead();
+        if !index.is_empty() {
+            self.wake_peers();
+        }
+        self.debug_check();
         id
     }
 
@@ -784,8 +806,17 @@ impl State {
         self.debug_check();
     }
 
+    /// The picker's readahead list: every stream's index pieces first, then the windows.
     fn apply_readahead(&mut self) {
         let mut pieces: Vec<PieceIndex> = Vec::new();
+        for s in self.streams.values_mut() {
+            s.index.retain(|p| !self.picker.has(*p));
+            for p in &s.index {
+                if !pieces.contains(p) {
+                    pieces.push(*p);
+                }
+            }
+        }
         for s in self.streams.values() {
             let end = s.next_offset.saturating_add(s.window).min(s.end);
             if s.window == 0 || end <= s.next_offset {
@@ -921,6 +952,46 @@ mod tests {
         let cmds = drain(&mut rx);
         assert!(cmds.contains(&Command::Have(1)), "{cmds:?}");
         assert!(cmds.contains(&Command::Lost(0)), "{cmds:?}");
+    }
+
+    #[test]
+    fn opening_a_file_fetches_its_first_and_last_pieces_before_readahead_once() {
+        let mut st = state(10, 10, "..........");
+        let (k, _rx) = join(&mut st, 2);
+        let all = {
+            let mut bf = Bitfield::new(10);
+            (0..10).for_each(|i| bf.set(i, true));
+            bf
+        };
+        // A file over pieces 2..=7 (it starts mid-piece 2 and ends inside piece 7).
+        let stream = st.open_stream(2 * PIECE as u64 + 5, 7 * PIECE as u64 + 9);
+        let pieces_of = |blocks: &[BlockRef]| -> Vec<u32> {
+            let mut ps: Vec<u32> = blocks.iter().map(|b| b.piece).collect();
+            ps.dedup();
+            ps
+        };
+        let first = st.pick(k, &all, 4, Instant::now());
+        assert_eq!(pieces_of(&first), vec![2, 7], "index pieces, nothing else");
+        assert_eq!(
+            st.pick(k, &all, 4, Instant::now()),
+            vec![],
+            "no background fill"
+        );
+        for b in first {
+            if let BlockArrival::PieceComplete(p, data) =
+                st.block_arrived(k, b, &vec![0; b.length as usize], Instant::now())
+            {
+                st.piece_verified(p, Bytes::from(data), false);
+            }
+        }
+        // Held now: not asked for again, even when the cache evicts them later.
+        st.close_stream(stream);
+        let again = st.open_stream(2 * PIECE as u64 + 5, 7 * PIECE as u64 + 9);
+        assert_eq!(st.pick(k, &all, 4, Instant::now()), vec![]);
+        st.close_stream(again);
+        // An empty file has no index pieces.
+        st.open_stream(PIECE as u64, PIECE as u64);
+        assert_eq!(st.pick(k, &all, 4, Instant::now()), vec![]);
     }
 
     #[test]
