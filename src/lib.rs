@@ -3,12 +3,14 @@
 //! Layers, imports pointing one way only: `core` <- `net` / `disk` <- `engine` <- `fuse` <- `cli`
 //! / `main.rs`.
 //! - `core`: pure logic (metainfo, geometry and file layout, wire codec, the per-peer protocol
-//!   state machine `peer_proto`, picker, choker, cache); no I/O, no clock (time is a parameter).
+//!   state machine `peer_proto`, picker, choker, cache, the `metadata` (BEP 9) and `pex`
+//!   (BEP 11) extensions); no I/O, no clock (time is a parameter).
 //! - `net`: sockets over the core codecs (peer connections over any byte stream, trackers).
 //! - `disk`: piece reads and writes under `--data-dir` on blocking threads, one handle per file.
 //! - `engine`: the tokio tasks that run torrents. `state` holds a torrent's shared state behind
 //!   named transitions (its invariant: a piece is held iff cached or on disk); `peer` is a thin
-//!   loop around `core::peer_proto`; `tasks` owns every task, so shutdown waits for them all.
+//!   loop around `core::peer_proto`; `metadata` fetches a magnet's info dictionary before its
+//!   torrent starts; `tasks` owns every task, so shutdown waits for them all.
 //! - `fuse`: the filesystem, translating kernel requests into engine reads.
 //! - `cli`: one module per subcommand: argument structs (clap) and `run`.
 pub mod cli;
