@@ -4,8 +4,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use swarmfs::core::tracker_proto::{AnnounceEvent, AnnounceRequest, TrackerError};
-use swarmfs::net::tracker::{Announcer, AnnouncerConfig, TrackerClient, TransferTotals};
+use swarmfs::core::tracker_proto::{
+    AnnounceEvent, AnnounceRequest, SwarmPeer, TrackerError, TransferTotals,
+};
+use swarmfs::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup, TrackerClient};
 use swarmfs::net::tracker_server::{AnnounceSeen, TrackerConfig, TrackerServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -30,12 +32,15 @@ fn request(
     let mut peer_id = *b"-SF0100-000000000000";
     peer_id[14..].copy_from_slice(format!("{port:06}").as_bytes());
     AnnounceRequest {
-        info_hash,
-        peer_id,
-        port,
-        uploaded: 0,
-        downloaded: 0,
-        left,
+        peer: SwarmPeer {
+            info_hash,
+            peer_id,
+            port,
+        },
+        totals: TransferTotals {
+            left,
+            ..TransferTotals::default()
+        },
         event,
         numwant: 50,
     }
@@ -426,16 +431,18 @@ async fn announcer_lifecycle_seen_by_the_tracker() {
         });
         let (peers_tx, mut peers_rx) = mpsc::unbounded_channel();
         let dead = format!("http://{}/announce", local(unused_port()));
-        let announcer = Announcer::spawn(
-            quick_announcer_config(),
+        let announcer = Announcer::spawn(AnnouncerSetup {
+            config: quick_announcer_config(),
             // A dead tracker in the first tier: BEP 12 order falls through to the next tier.
-            vec![vec![dead], vec![server.announce_url()]],
-            hash,
-            *b"-SF0100-announcer000",
-            4444,
-            totals_rx,
+            tiers: vec![vec![dead], vec![server.announce_url()]],
+            peer: SwarmPeer {
+                info_hash: hash,
+                peer_id: *b"-SF0100-announcer000",
+                port: 4444,
+            },
+            totals: totals_rx,
             peers_tx,
-        );
+        });
 
         let started = next_from(&mut seen, 4444).await;
         assert_eq!(started.event, Some(AnnounceEvent::Started));
@@ -491,15 +498,17 @@ async fn announcer_retries_until_the_tracker_is_up() {
         let addr = refuser.local_addr().unwrap();
         let (_totals_tx, totals_rx) = watch::channel(TransferTotals::default());
         let (peers_tx, _peers_rx) = mpsc::unbounded_channel();
-        let announcer = Announcer::spawn(
-            quick_announcer_config(),
-            vec![vec![format!("http://{addr}/announce")]],
-            binary_hash(8),
-            *b"-SF0100-retrying0000",
-            5555,
-            totals_rx,
+        let announcer = Announcer::spawn(AnnouncerSetup {
+            config: quick_announcer_config(),
+            tiers: vec![vec![format!("http://{addr}/announce")]],
+            peer: SwarmPeer {
+                info_hash: binary_hash(8),
+                peer_id: *b"-SF0100-retrying0000",
+                port: 5555,
+            },
+            totals: totals_rx,
             peers_tx,
-        );
+        });
         let (first_attempt, _) = refuser.accept().await.unwrap();
         drop(first_attempt);
         drop(refuser);
@@ -525,18 +534,20 @@ async fn stop_without_a_working_tracker_returns_promptly() {
     watchdog(async {
         let (_totals_tx, totals_rx) = watch::channel(TransferTotals::default());
         let (peers_tx, _peers_rx) = mpsc::unbounded_channel();
-        let announcer = Announcer::spawn(
-            AnnouncerConfig::default(),
-            vec![
+        let announcer = Announcer::spawn(AnnouncerSetup {
+            config: AnnouncerConfig::default(),
+            tiers: vec![
                 vec![format!("http://{}/announce", local(unused_port()))],
                 vec!["udp://127.0.0.1:1".into()],
             ],
-            binary_hash(9),
-            *b"-SF0100-nothing00000",
-            6666,
-            totals_rx,
+            peer: SwarmPeer {
+                info_hash: binary_hash(9),
+                peer_id: *b"-SF0100-nothing00000",
+                port: 6666,
+            },
+            totals: totals_rx,
             peers_tx,
-        );
+        });
         announcer.want_peers();
         announcer.stop().await;
     })

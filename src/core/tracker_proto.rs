@@ -51,15 +51,27 @@ impl AnnounceEvent {
     }
 }
 
-/// What a client tells the tracker in one announce.
-#[derive(Clone, Debug)]
-pub struct AnnounceRequest {
+/// Who announces: the torrent, our peer id and the port peers reach us on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwarmPeer {
     pub info_hash: [u8; 20],
     pub peer_id: [u8; 20],
     pub port: u16,
+}
+
+/// What we have transferred so far, as reported to trackers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferTotals {
     pub uploaded: u64,
     pub downloaded: u64,
     pub left: u64,
+}
+
+/// What a client tells the tracker in one announce.
+#[derive(Clone, Debug)]
+pub struct AnnounceRequest {
+    pub peer: SwarmPeer,
+    pub totals: TransferTotals,
     pub event: Option<AnnounceEvent>,
     pub numwant: u32,
 }
@@ -100,12 +112,8 @@ pub struct ScrapeResponse {
 /// An announce as the built-in tracker reads it from the query string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AnnounceQuery {
-    pub info_hash: [u8; 20],
-    pub peer_id: [u8; 20],
-    pub port: u16,
-    pub uploaded: u64,
-    pub downloaded: u64,
-    pub left: u64,
+    pub peer: SwarmPeer,
+    pub totals: TransferTotals,
     /// `None` for a regular announce, also for `empty` and for events we do not know (`paused`).
     pub event: Option<AnnounceEvent>,
     pub numwant: Option<u32>,
@@ -177,12 +185,12 @@ pub fn announce_url(tracker: &str, req: &AnnounceRequest) -> Result<String, Trac
     let url = parse_tracker_url(tracker)?;
     let mut params = format!(
         "info_hash={}&peer_id={}&port={}&uploaded={}&downloaded={}&left={}&compact=1&numwant={}",
-        encode_bytes(&req.info_hash),
-        encode_bytes(&req.peer_id),
-        req.port,
-        req.uploaded,
-        req.downloaded,
-        req.left,
+        encode_bytes(&req.peer.info_hash),
+        encode_bytes(&req.peer.peer_id),
+        req.peer.port,
+        req.totals.uploaded,
+        req.totals.downloaded,
+        req.totals.left,
         req.numwant,
     );
     if let Some(event) = req.event {
@@ -525,12 +533,12 @@ pub fn parse_announce_query(query: &str) -> Result<AnnounceQuery, TrackerError> 
     let mut port = None;
     let mut left = None;
     let mut parsed = AnnounceQuery {
-        info_hash: [0; 20],
-        peer_id: [0; 20],
-        port: 0,
-        uploaded: 0,
-        downloaded: 0,
-        left: 0,
+        peer: SwarmPeer {
+            info_hash: [0; 20],
+            peer_id: [0; 20],
+            port: 0,
+        },
+        totals: TransferTotals::default(),
         event: None,
         numwant: None,
         compact: false,
@@ -541,8 +549,8 @@ pub fn parse_announce_query(query: &str) -> Result<AnnounceQuery, TrackerError> 
             b"info_hash" => info_hash = Some(id20("info_hash", &value)?),
             b"peer_id" => peer_id = Some(id20("peer_id", &value)?),
             b"port" => port = Some(number::<u16>("port", &value)?),
-            b"uploaded" => parsed.uploaded = number("uploaded", &value)?,
-            b"downloaded" => parsed.downloaded = number("downloaded", &value)?,
+            b"uploaded" => parsed.totals.uploaded = number("uploaded", &value)?,
+            b"downloaded" => parsed.totals.downloaded = number("downloaded", &value)?,
             b"left" => left = Some(number::<u64>("left", &value)?),
             b"numwant" => parsed.numwant = number::<u32>("numwant", &value).ok(),
             b"compact" => parsed.compact = value.as_slice() == b"1",
@@ -558,12 +566,12 @@ pub fn parse_announce_query(query: &str) -> Result<AnnounceQuery, TrackerError> 
             _ => {}
         }
     }
-    parsed.info_hash = info_hash.ok_or_else(|| bad("missing info_hash"))?;
-    parsed.peer_id = peer_id.ok_or_else(|| bad("missing peer_id"))?;
-    parsed.port = port
+    parsed.peer.info_hash = info_hash.ok_or_else(|| bad("missing info_hash"))?;
+    parsed.peer.peer_id = peer_id.ok_or_else(|| bad("missing peer_id"))?;
+    parsed.peer.port = port
         .filter(|&p| p != 0)
         .ok_or_else(|| bad("missing or zero port"))?;
-    parsed.left = left.ok_or_else(|| bad("missing left"))?;
+    parsed.totals.left = left.ok_or_else(|| bad("missing left"))?;
     Ok(parsed)
 }
 
@@ -601,12 +609,16 @@ mod tests {
         info_hash[3] = b'=';
         info_hash[4] = b'%';
         AnnounceRequest {
-            info_hash,
-            peer_id: *b"-SF0100-abcdefghijkl",
-            port: 6881,
-            uploaded: 1,
-            downloaded: 2,
-            left: 3,
+            peer: SwarmPeer {
+                info_hash,
+                peer_id: *b"-SF0100-abcdefghijkl",
+                port: 6881,
+            },
+            totals: TransferTotals {
+                uploaded: 1,
+                downloaded: 2,
+                left: 3,
+            },
             event,
             numwant: 50,
         }
@@ -635,10 +647,8 @@ mod tests {
         let url = announce_url("http://127.0.0.1:1/announce", &req).unwrap();
         let query = url.split_once('?').unwrap().1;
         let parsed = parse_announce_query(query).unwrap();
-        assert_eq!(parsed.info_hash, req.info_hash);
-        assert_eq!(parsed.peer_id, req.peer_id);
-        assert_eq!(parsed.port, 6881);
-        assert_eq!((parsed.uploaded, parsed.downloaded, parsed.left), (1, 2, 3));
+        assert_eq!(parsed.peer, req.peer);
+        assert_eq!(parsed.totals, req.totals);
         assert_eq!(parsed.event, Some(AnnounceEvent::Completed));
         assert_eq!(parsed.numwant, Some(50));
         assert!(parsed.compact);
@@ -867,12 +877,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            hex::encode(q.info_hash),
+            hex::encode(q.peer.info_hash),
             "0123456789abcdef0123456789abcdef01234567"
         );
-        assert_eq!(&q.peer_id, b"-XX0000-000000000000");
-        assert_eq!(q.port, 1111);
-        assert_eq!(q.left, 5);
+        assert_eq!(&q.peer.peer_id, b"-XX0000-000000000000");
+        assert_eq!(q.peer.port, 1111);
+        assert_eq!(q.totals.left, 5);
         assert_eq!(q.event, Some(AnnounceEvent::Started));
         assert_eq!(q.ip.as_deref(), Some("127.0.0.2"));
         assert_eq!(q.numwant, Some(7));

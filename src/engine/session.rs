@@ -18,13 +18,14 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::metainfo::{InfoHash, Metainfo};
+use crate::core::tracker_proto::{SwarmPeer, TransferTotals};
 use crate::core::wire::Handshake;
 use crate::engine::metadata::{self, FetchConfig, FetchProgress, Fetched};
 use crate::engine::tasks::{Failure, TaskGroup};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::engine::PeerSource;
 use crate::net::peer;
-use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
+use crate::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup};
 
 /// The default listening port; the next free one is taken if it is busy.
 pub const DEFAULT_PORT: u16 = 6881;
@@ -175,15 +176,17 @@ impl Session {
                 left: METADATA_LEFT,
                 ..TransferTotals::default()
             });
-            Announcer::spawn(
-                AnnouncerConfig::default(),
+            Announcer::spawn(AnnouncerSetup {
+                config: AnnouncerConfig::default(),
                 tiers,
-                info_hash.0,
-                self.peer_id,
-                self.listen_addr.port(),
+                peer: SwarmPeer {
+                    info_hash: info_hash.0,
+                    peer_id: self.peer_id,
+                    port: self.listen_addr.port(),
+                },
                 totals,
-                tracker_tx,
-            )
+                peers_tx: tracker_tx,
+            })
         });
         drop(peers_tx);
         let cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());

@@ -27,12 +27,13 @@ use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
 use crate::core::metainfo::{InfoHash, Metainfo};
 use crate::core::peer_proto::Command;
 use crate::core::picker::PeerKey;
+use crate::core::tracker_proto::{SwarmPeer, TransferTotals};
 use crate::disk::Store;
 use crate::engine::state::{BlockArrival, State, StateConfig};
 use crate::engine::tasks::TaskGroup;
 use crate::engine::{PeerSource, SourceCounts};
 use crate::net::ratelimit::RateLimiter;
-use crate::net::tracker::{Announcer, AnnouncerConfig, TransferTotals};
+use crate::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup};
 
 /// What a torrent is asked to do; filled from the command line.
 #[derive(Debug, Clone)]
@@ -272,15 +273,17 @@ impl Torrent {
         if tiers.is_empty() {
             return;
         }
-        let a = Announcer::spawn(
-            AnnouncerConfig::default(),
+        let a = Announcer::spawn(AnnouncerSetup {
+            config: AnnouncerConfig::default(),
             tiers,
-            self.info_hash.0,
-            self.peer_id,
-            self.listen_port,
-            self.totals_tx.subscribe(),
+            peer: SwarmPeer {
+                info_hash: self.info_hash.0,
+                peer_id: self.peer_id,
+                port: self.listen_port,
+            },
+            totals: self.totals_tx.subscribe(),
             peers_tx,
-        );
+        });
         *self.announcer.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
         if self.is_complete() {
             self.completed_announced.store(true, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::core::tracker_proto::{
     announce_url, parse_announce_response, parse_scrape_response, scrape_url, AnnounceEvent,
-    AnnounceRequest, AnnounceResponse, ScrapeResponse, TrackerError,
+    AnnounceRequest, AnnounceResponse, ScrapeResponse, SwarmPeer, TrackerError, TransferTotals,
 };
 
 /// Whole-request timeout for one tracker exchange.
@@ -25,14 +25,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY_BYTES: usize = 1 << 20;
 /// How many distinct tracker messages we remember so each is logged once.
 const MAX_REMEMBERED_MESSAGES: usize = 64;
-
-/// What we have transferred so far, as reported to trackers.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TransferTotals {
-    pub uploaded: u64,
-    pub downloaded: u64,
-    pub left: u64,
-}
 
 /// An HTTP(S) tracker client. Cheap to clone (one shared client).
 #[derive(Clone, Debug)]
@@ -161,6 +153,19 @@ impl Default for AnnouncerConfig {
     }
 }
 
+/// Everything an `Announcer` starts from.
+pub struct AnnouncerSetup {
+    pub config: AnnouncerConfig,
+    /// BEP 12 tiers of announce URLs.
+    pub tiers: Vec<Vec<String>>,
+    /// Who we announce as.
+    pub peer: SwarmPeer,
+    /// The current totals, read at each announce.
+    pub totals: watch::Receiver<TransferTotals>,
+    /// Where every peer address learnt from a tracker goes.
+    pub peers_tx: mpsc::UnboundedSender<SocketAddr>,
+}
+
 enum Command {
     WantPeers,
     Completed,
@@ -181,15 +186,14 @@ impl Announcer {
     /// exponential back-off, and sends every peer address it learns to `peers_tx`. A tracker's
     /// `failure reason` or `warning message` is logged with `log::warn!`, once per distinct text.
     /// Only http(s) trackers are contacted; other URLs count as failing trackers.
-    pub fn spawn(
-        config: AnnouncerConfig,
-        tiers: Vec<Vec<String>>,
-        info_hash: [u8; 20],
-        peer_id: [u8; 20],
-        port: u16,
-        totals: watch::Receiver<TransferTotals>,
-        peers_tx: mpsc::UnboundedSender<SocketAddr>,
-    ) -> Announcer {
+    pub fn spawn(setup: AnnouncerSetup) -> Announcer {
+        let AnnouncerSetup {
+            config,
+            tiers,
+            peer,
+            totals,
+            peers_tx,
+        } = setup;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let mut rng = rand::thread_rng();
         let tiers = tiers
@@ -203,9 +207,7 @@ impl Announcer {
         let task = AnnounceTask {
             client: TrackerClient::new(),
             tiers,
-            info_hash,
-            peer_id,
-            port,
+            peer,
             totals,
             peers_tx,
             logged: HashSet::new(),
@@ -265,9 +267,7 @@ struct AnnounceTask {
     client: TrackerClient,
     /// BEP 12 tiers, each in its current try order.
     tiers: Vec<Vec<TrackerState>>,
-    info_hash: [u8; 20],
-    peer_id: [u8; 20],
-    port: u16,
+    peer: SwarmPeer,
     totals: watch::Receiver<TransferTotals>,
     peers_tx: mpsc::UnboundedSender<SocketAddr>,
     /// Tracker messages already logged (each distinct one is logged once).
@@ -405,14 +405,9 @@ impl AnnounceTask {
     }
 
     fn request(&self, event: Option<AnnounceEvent>) -> AnnounceRequest {
-        let totals = *self.totals.borrow();
         AnnounceRequest {
-            info_hash: self.info_hash,
-            peer_id: self.peer_id,
-            port: self.port,
-            uploaded: totals.uploaded,
-            downloaded: totals.downloaded,
-            left: totals.left,
+            peer: self.peer,
+            totals: *self.totals.borrow(),
             event,
             numwant: self.config.numwant,
         }

@@ -253,7 +253,10 @@ fn handle(
                 Ok(announce) => announce,
                 Err(e) => return bencoded(encode_failure(&e.to_string())),
             };
-            let peer = SocketAddr::new(peer_ip(remote.ip(), announce.ip.as_deref()), announce.port);
+            let peer = SocketAddr::new(
+                peer_ip(remote.ip(), announce.ip.as_deref()),
+                announce.peer.port,
+            );
             let result = shared.registry().announce(
                 &announce,
                 peer,
@@ -263,10 +266,10 @@ fn handle(
             match result {
                 Ok(response) => {
                     let _ = shared.observers.send(AnnounceSeen {
-                        info_hash: announce.info_hash,
+                        info_hash: announce.peer.info_hash,
                         peer,
                         event: announce.event,
-                        left: announce.left,
+                        left: announce.totals.left,
                     });
                     bencoded(encode_announce_response(&response))
                 }
@@ -342,7 +345,7 @@ impl Registry {
         rng: &mut impl rand::Rng,
     ) -> Result<AnnounceResponse, String> {
         let expiry = self.cfg.peer_expiry;
-        if let Some(swarm) = self.swarms.get_mut(&query.info_hash) {
+        if let Some(swarm) = self.swarms.get_mut(&query.peer.info_hash) {
             let before = swarm.peers.len();
             swarm
                 .peers
@@ -351,26 +354,26 @@ impl Registry {
         }
         if query.event == Some(AnnounceEvent::Stopped) {
             let mut stats = ScrapeStats::default();
-            if let Some(swarm) = self.swarms.get_mut(&query.info_hash) {
+            if let Some(swarm) = self.swarms.get_mut(&query.peer.info_hash) {
                 if swarm.peers.remove(&peer).is_some() {
                     self.total_peers -= 1;
                 }
                 stats = swarm.stats();
                 if swarm.peers.is_empty() {
-                    self.swarms.remove(&query.info_hash);
+                    self.swarms.remove(&query.peer.info_hash);
                 }
             }
             return Ok(self.response(Vec::new(), stats));
         }
-        if !self.swarms.contains_key(&query.info_hash) && self.swarms.len() >= MAX_TORRENTS {
+        if !self.swarms.contains_key(&query.peer.info_hash) && self.swarms.len() >= MAX_TORRENTS {
             return Err("tracker is full: too many torrents".into());
         }
         let total_full = self.total_peers >= MAX_PEERS_TOTAL;
-        let swarm = self.swarms.entry(query.info_hash).or_default();
+        let swarm = self.swarms.entry(query.peer.info_hash).or_default();
         if !swarm.peers.contains_key(&peer) {
             if swarm.peers.len() >= MAX_PEERS_PER_TORRENT || total_full {
                 if swarm.peers.is_empty() {
-                    self.swarms.remove(&query.info_hash);
+                    self.swarms.remove(&query.peer.info_hash);
                 }
                 return Err("tracker is full: too many peers".into());
             }
@@ -379,7 +382,7 @@ impl Registry {
         swarm.peers.insert(
             peer,
             PeerEntry {
-                left: query.left,
+                left: query.totals.left,
                 last_seen: now,
             },
         );
@@ -449,15 +452,19 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::tracker_proto::{SwarmPeer, TransferTotals};
 
     fn query(info_hash: u8, port: u16, left: u64, event: Option<AnnounceEvent>) -> AnnounceQuery {
         AnnounceQuery {
-            info_hash: [info_hash; 20],
-            peer_id: [port as u8; 20],
-            port,
-            uploaded: 0,
-            downloaded: 0,
-            left,
+            peer: SwarmPeer {
+                info_hash: [info_hash; 20],
+                peer_id: [port as u8; 20],
+                port,
+            },
+            totals: TransferTotals {
+                left,
+                ..TransferTotals::default()
+            },
             event,
             numwant: None,
             compact: true,
