@@ -13,5 +13,6 @@ pub mod peer_proto;
 pub mod pex;
 pub mod picker;
 pub mod tracker_proto;
+pub mod udp_tracker;
 pub mod units;
 pub mod wire;
