@@ -1,4 +1,5 @@
-//! HTTP tracker messages (BEP 3, compact peers BEP 23, IPv6 `peers6` BEP 7, scrape): building
+//! HTTP tracker messages (BEP 3, compact peers BEP 23, IPv6 `peers6` BEP 7, scrape), and the
+//! types UDP trackers (`core::udp_tracker`) share with them: building
 //! announce / scrape URLs, parsing and encoding tracker responses, and parsing the query string of
 //! an announce for the built-in tracker. Pure: no I/O, no clock.
 //!
@@ -134,9 +135,13 @@ pub enum TrackerError {
     Http(String),
     #[error("tracker did not answer in time")]
     Timeout,
+    /// The tracker could not be reached (name resolution, socket errors, ICMP unreachable).
+    #[error("cannot reach tracker: {0}")]
+    Network(String),
     #[error("invalid tracker URL: {0}")]
     InvalidUrl(String),
-    /// Not an http(s) URL (UDP trackers are handled elsewhere).
+    /// Neither an http(s) nor a udp URL (and, for the HTTP URL builders here, not http(s); UDP
+    /// messages are in `core::udp_tracker`).
     #[error("unsupported tracker URL scheme: {0}")]
     UnsupportedScheme(String),
     /// The announce URL does not end in `announce`, so it has no scrape convention.

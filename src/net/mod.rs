@@ -3,3 +3,4 @@ pub mod peer;
 pub mod ratelimit;
 pub mod tracker;
 pub mod tracker_server;
+pub mod udp_tracker;

@@ -1,6 +1,7 @@
-//! HTTP(S) tracker client and the per-torrent announcer task.
+//! Tracker client (HTTP(S) and UDP) and the per-torrent announcer task.
 //!
-//! `TrackerClient` does one announce or scrape over reqwest. `Announcer` owns the announce
+//! `TrackerClient` does one announce or scrape: over reqwest for http(s) URLs, over BEP 15 for
+//! udp URLs (`net::udp_tracker`). `Announcer` owns the announce
 //! schedule of one torrent: `started`, regular re-announces at the tracker's interval, BEP 12 tier
 //! order, back-off on failure, `completed` and `stopped`; every peer it learns goes to a channel.
 
@@ -17,6 +18,7 @@ use crate::core::tracker_proto::{
     announce_url, parse_announce_response, parse_scrape_response, scrape_url, AnnounceEvent,
     AnnounceRequest, AnnounceResponse, ScrapeResponse, SwarmPeer, TrackerError, TransferTotals,
 };
+use crate::net::udp_tracker::{UdpSchedule, UdpTrackerClient};
 
 /// Whole-request timeout for one tracker exchange.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -26,10 +28,12 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 /// How many distinct tracker messages we remember so each is logged once.
 const MAX_REMEMBERED_MESSAGES: usize = 64;
 
-/// An HTTP(S) tracker client. Cheap to clone (one shared client).
+/// A tracker client for http, https and udp announce URLs. Cheap to clone (one shared HTTP
+/// client, one shared UDP connection-id cache).
 #[derive(Clone, Debug)]
 pub struct TrackerClient {
     http: reqwest::Client,
+    udp: UdpTrackerClient,
 }
 
 impl Default for TrackerClient {
@@ -39,7 +43,13 @@ impl Default for TrackerClient {
 }
 
 impl TrackerClient {
+    /// A client that gives UDP trackers BEP 15's full retransmission schedule.
     pub fn new() -> Self {
+        Self::with_udp_schedule(UdpSchedule::default())
+    }
+
+    /// A client whose UDP exchanges follow `udp` (HTTP requests keep their fixed timeouts).
+    pub fn with_udp_schedule(udp: UdpSchedule) -> Self {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -53,15 +63,21 @@ impl TrackerClient {
                 log::warn!("tracker HTTP client: {e}; using defaults");
                 reqwest::Client::new()
             });
-        TrackerClient { http }
+        TrackerClient {
+            http,
+            udp: UdpTrackerClient::new(udp),
+        }
     }
 
-    /// Announces `req` to `tracker` (an http or https announce URL).
+    /// Announces `req` to `tracker` (an http, https or udp announce URL).
     pub async fn announce(
         &self,
         tracker: &str,
         req: &AnnounceRequest,
     ) -> Result<AnnounceResponse, TrackerError> {
+        if is_udp(tracker) {
+            return self.udp.announce(tracker, req).await;
+        }
         let url = announce_url(tracker, req)?;
         let body = self.get(&url).await?;
         parse_announce_response(&body)
@@ -73,6 +89,9 @@ impl TrackerClient {
         tracker: &str,
         info_hashes: &[[u8; 20]],
     ) -> Result<ScrapeResponse, TrackerError> {
+        if is_udp(tracker) {
+            return self.udp.scrape(tracker, info_hashes).await;
+        }
         let url = scrape_url(tracker, info_hashes)?;
         let body = self.get(&url).await?;
         parse_scrape_response(&body)
@@ -101,6 +120,13 @@ impl TrackerClient {
             _ => Err(TrackerError::Http(format!("HTTP status {status}"))),
         }
     }
+}
+
+/// The URL names a UDP tracker (BEP 15).
+fn is_udp(tracker: &str) -> bool {
+    tracker
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("udp"))
 }
 
 fn http_error(e: reqwest::Error) -> TrackerError {
@@ -137,6 +163,10 @@ pub struct AnnouncerConfig {
     pub numwant: u32,
     /// Time allowed for each `stopped` announce (and for an announce in flight when stopping).
     pub stop_timeout: Duration,
+    /// How a UDP tracker is retried within one announce round: BEP 15's base (15 s), but only a
+    /// couple of sends, so a silent UDP tracker does not hold up its tier for the spec's two
+    /// hours; the round moves on to the next tracker and the whole round is retried later.
+    pub udp: UdpSchedule,
 }
 
 impl Default for AnnouncerConfig {
@@ -149,6 +179,10 @@ impl Default for AnnouncerConfig {
             default_min_interval: Duration::from_secs(30),
             numwant: 50,
             stop_timeout: Duration::from_secs(2),
+            udp: UdpSchedule {
+                retry_base: crate::core::udp_tracker::SPEC_RETRY_BASE,
+                attempts: 2,
+            },
         }
     }
 }
@@ -185,7 +219,8 @@ impl Announcer {
     /// tier once; a tracker that answers moves to the front of its tier), retrying failures with
     /// exponential back-off, and sends every peer address it learns to `peers_tx`. A tracker's
     /// `failure reason` or `warning message` is logged with `log::warn!`, once per distinct text.
-    /// Only http(s) trackers are contacted; other URLs count as failing trackers.
+    /// http(s) and udp trackers are contacted; other URLs count as failing trackers. A UDP
+    /// tracker gets `config.udp` (two sends by default) before the next tracker is tried.
     pub fn spawn(setup: AnnouncerSetup) -> Announcer {
         let AnnouncerSetup {
             config,
@@ -205,7 +240,7 @@ impl Announcer {
             })
             .collect();
         let task = AnnounceTask {
-            client: TrackerClient::new(),
+            client: TrackerClient::with_udp_schedule(config.udp),
             tiers,
             peer,
             totals,
