@@ -27,7 +27,7 @@ enum Command {
     Seed(cli::seed::Args),
     /// Download a torrent into a directory, then exit.
     Download(cli::download::Args),
-    /// Run a small HTTP tracker (for local swarms, demos and tests).
+    /// Run a small HTTP and UDP tracker on one port (for local swarms, demos and tests).
     Tracker(cli::tracker::Args),
 }
 

@@ -1,4 +1,4 @@
-//! `swarmfs tracker`: run the built-in HTTP tracker until SIGINT / SIGTERM.
+//! `swarmfs tracker`: run the built-in tracker (HTTP and UDP on one port) until SIGINT / SIGTERM.
 use std::io::Write;
 use std::net::SocketAddr;
 
@@ -8,7 +8,8 @@ use crate::net::tracker_server::{TrackerConfig, TrackerServer};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Address to serve HTTP announces and scrapes on.
+    /// Address to serve announces and scrapes on: HTTP (http://ADDR/announce) and UDP, BEP 15
+    /// (udp://ADDR/announce), on the same port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6969")]
     pub listen: SocketAddr,
     /// Seconds between announces asked of clients (peers expire after three missed ones).

@@ -1,9 +1,12 @@
-//! The built-in HTTP tracker (`swarmfs tracker`): announce and scrape over hyper's HTTP/1 server.
+//! The built-in tracker (`swarmfs tracker`): announce and scrape over hyper's HTTP/1 server, and
+//! over UDP (BEP 15) on the same port number.
 //!
 //! It keeps the peers of any info-hash (no whitelist) in memory, answers compact peer lists (IPv4
 //! in `peers`, IPv6 in `peers6`) without the asking peer itself, forgets peers that send
 //! `stopped` or miss announces, and bounds everything a client can make it keep. Errors are
-//! answered as a bencoded `failure reason` with HTTP 200, as trackers do.
+//! answered as a bencoded `failure reason` with HTTP 200, as trackers do, and as an error packet
+//! over UDP. UDP connection ids are stateless (a keyed hash of the client's IP and the minute), so
+//! UDP clients cost no memory between packets either.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rand::seq::IteratorRandom;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -28,6 +31,10 @@ use crate::core::tracker_proto::{
     encode_announce_response, encode_failure, encode_scrape_response, parse_announce_query,
     parse_scrape_query, AnnounceEvent, AnnounceQuery, AnnounceResponse, ScrapeResponse,
     ScrapeStats,
+};
+use crate::core::udp_tracker::{
+    self, decode_request, request_transaction_id, server_connection_id, server_connection_id_valid,
+    RequestKind, UdpTrackerError,
 };
 
 /// Most torrents tracked at once; announces for new ones are refused beyond it.
@@ -49,6 +56,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// Capacity of the announce observer channel (slow observers lose the oldest records).
 const OBSERVER_CAPACITY: usize = 1_024;
+/// Longest UDP request read; longer datagrams are ignored. A full scrape (74 hashes) is 1496 bytes,
+/// an announce 98 plus a few BEP 41 options.
+const MAX_UDP_REQUEST: usize = 2_048;
+/// How often binding TCP and UDP to the same system-chosen port is tried.
+const SAME_PORT_TRIES: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
@@ -92,16 +104,19 @@ pub struct AnnounceSeen {
 
 /// A running tracker. Dropping it also stops it (without waiting); `shutdown` waits.
 pub struct TrackerServer {
+    /// The address of both the HTTP listener (TCP) and the UDP socket.
     pub local_addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    udp_task: JoinHandle<()>,
 }
 
 impl TrackerServer {
-    /// Binds `addr` and spawns the serve task on the current runtime.
+    /// Binds `addr` over TCP (HTTP) and UDP (same port; with port 0 the one the system gives TCP)
+    /// and spawns the serve tasks on the current runtime.
     pub async fn bind(addr: SocketAddr, cfg: TrackerConfig) -> std::io::Result<TrackerServer> {
-        let listener = TcpListener::bind(addr).await?;
+        let (listener, udp) = bind_same_port(addr).await?;
         let local_addr = listener.local_addr()?;
         let cfg = TrackerConfig {
             interval: cfg.interval.max(1),
@@ -113,19 +128,26 @@ impl TrackerServer {
             observers,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let udp_task = tokio::spawn(serve_udp(udp, shared.clone(), shutdown_rx.clone()));
         let task = tokio::spawn(serve(listener, shared.clone(), cfg, shutdown_rx));
-        log::info!("tracker listening on http://{local_addr}/announce");
+        log::info!("tracker listening on http://{local_addr}/announce and udp://{local_addr}");
         Ok(TrackerServer {
             local_addr,
             shared,
             shutdown,
             task,
+            udp_task,
         })
     }
 
-    /// The announce URL of this tracker.
+    /// The HTTP announce URL of this tracker.
     pub fn announce_url(&self) -> String {
         format!("http://{}/announce", self.local_addr)
+    }
+
+    /// The UDP announce URL of this tracker.
+    pub fn udp_announce_url(&self) -> String {
+        format!("udp://{}/announce", self.local_addr)
     }
 
     /// A channel of every announce the tracker accepts from now on.
@@ -143,11 +165,27 @@ impl TrackerServer {
             .copied()
     }
 
-    /// Stops accepting, closes open connections and waits for the serve task to end.
+    /// Stops accepting, closes open connections and waits for the serve tasks to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        let _ = self.udp_task.await;
     }
+}
+
+/// A TCP listener and a UDP socket on the same address and port.
+async fn bind_same_port(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+    let tries = if addr.port() == 0 { SAME_PORT_TRIES } else { 1 };
+    let mut last_error = None;
+    for _ in 0..tries {
+        let listener = TcpListener::bind(addr).await?;
+        // The system chose a free TCP port; the same UDP port may be taken: then try another.
+        match UdpSocket::bind(listener.local_addr()?).await {
+            Ok(udp) => return Ok((listener, udp)),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("cannot bind UDP")))
 }
 
 struct Shared {
@@ -260,6 +298,7 @@ fn handle(
             let result = shared.registry().announce(
                 &announce,
                 peer,
+                PeerFamily::Any,
                 Instant::now(),
                 &mut rand::thread_rng(),
             );
@@ -281,6 +320,158 @@ fn handle(
             Err(e) => bencoded(encode_failure(&e.to_string())),
         },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    }
+}
+
+/// Serves UDP requests until shutdown: one datagram in, at most one out, through one reused
+/// buffer each way.
+async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let key: [u8; 16] = rand::random();
+    let epoch = Instant::now();
+    // One byte more than the longest request, so a longer one is seen (and ignored), not cut.
+    let mut packet = vec![0u8; MAX_UDP_REQUEST + 1];
+    let mut answer = Vec::new();
+    loop {
+        let (len, remote) = tokio::select! {
+            _ = shutdown.changed() => break,
+            received = socket.recv_from(&mut packet) => match received {
+                Ok(received) => received,
+                Err(e) => {
+                    log::debug!("tracker: UDP receive failed: {e}");
+                    // Do not spin on a persistent error.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        if len > MAX_UDP_REQUEST {
+            continue;
+        }
+        let minute = Instant::now().duration_since(epoch).as_secs() / 60;
+        let ids = ConnectionIds { key: &key, minute };
+        answer.clear();
+        if handle_udp(&packet[..len], remote, &shared, ids, &mut answer) {
+            if let Err(e) = socket.send_to(&answer, remote).await {
+                log::debug!("tracker: UDP answer to {remote} failed: {e}");
+            }
+        }
+    }
+}
+
+/// What UDP connection ids are checked against: the process's secret key and the current minute.
+#[derive(Clone, Copy)]
+struct ConnectionIds<'a> {
+    key: &'a [u8; 16],
+    minute: u64,
+}
+
+impl ConnectionIds<'_> {
+    fn issue(&self, client: IpAddr) -> u64 {
+        server_connection_id(self.key, client, self.minute)
+    }
+
+    fn accepts(&self, client: IpAddr, id: u64) -> bool {
+        server_connection_id_valid(self.key, client, id, self.minute)
+    }
+}
+
+/// Answers one UDP request into `answer`; false when the packet gets no answer: too short to carry
+/// a transaction id, a connect without the protocol id, or a request without a valid connection
+/// id (BEP 15: ignored, so a spoofed source address gets nothing).
+fn handle_udp(
+    packet: &[u8],
+    remote: SocketAddr,
+    shared: &Shared,
+    ids: ConnectionIds<'_>,
+    answer: &mut Vec<u8>,
+) -> bool {
+    let Some(transaction_id) = request_transaction_id(packet) else {
+        return false;
+    };
+    let client = remote.ip();
+    let request = match decode_request(packet) {
+        Ok(request) => request,
+        Err(UdpTrackerError::BadProtocolId(_)) => return false,
+        Err(e) => {
+            let connection_id = packet
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            if !ids.accepts(client, connection_id) {
+                return false;
+            }
+            udp_tracker::encode_error(transaction_id, &e.to_string(), answer);
+            return true;
+        }
+    };
+    if request.kind != RequestKind::Connect && !ids.accepts(client, request.connection_id) {
+        return false;
+    }
+    match request.kind {
+        RequestKind::Connect => {
+            udp_tracker::encode_connect_response(transaction_id, ids.issue(client), answer);
+        }
+        RequestKind::Announce { query, key: _ } => {
+            if query.peer.port == 0 {
+                udp_tracker::encode_error(transaction_id, "invalid request: port 0", answer);
+                return true;
+            }
+            let ipv6 = client.to_canonical().is_ipv6();
+            let family = if ipv6 { PeerFamily::V6 } else { PeerFamily::V4 };
+            let peer = SocketAddr::new(peer_ip(client, query.ip.as_deref()), query.peer.port);
+            let result = shared.registry().announce(
+                &query,
+                peer,
+                family,
+                Instant::now(),
+                &mut rand::thread_rng(),
+            );
+            match result {
+                Ok(response) => {
+                    let _ = shared.observers.send(AnnounceSeen {
+                        info_hash: query.peer.info_hash,
+                        peer,
+                        event: query.event,
+                        left: query.totals.left,
+                    });
+                    udp_tracker::encode_announce_response(transaction_id, &response, ipv6, answer);
+                }
+                Err(reason) => udp_tracker::encode_error(transaction_id, &reason, answer),
+            }
+        }
+        RequestKind::Scrape(hashes) => {
+            // Positional counts: a torrent we do not track counts zeros.
+            let mut stats = Vec::with_capacity(hashes.len());
+            if !hashes.is_empty() {
+                let files = shared.registry().scrape(&hashes).files;
+                stats.extend(
+                    hashes
+                        .iter()
+                        .map(|h| files.get(h).copied().unwrap_or_default()),
+                );
+            }
+            udp_tracker::encode_scrape_response(transaction_id, &stats, answer);
+        }
+    }
+    true
+}
+
+/// Which peers an announce answer may list: a UDP answer holds only one address family (the one
+/// the client asked over).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerFamily {
+    Any,
+    V4,
+    V6,
+}
+
+impl PeerFamily {
+    fn admits(self, peer: &SocketAddr) -> bool {
+        match self {
+            PeerFamily::Any => true,
+            PeerFamily::V4 => peer.is_ipv4(),
+            PeerFamily::V6 => peer.is_ipv6(),
+        }
     }
 }
 
@@ -341,6 +532,7 @@ impl Registry {
         &mut self,
         query: &AnnounceQuery,
         peer: SocketAddr,
+        family: PeerFamily,
         now: Instant,
         rng: &mut impl rand::Rng,
     ) -> Result<AnnounceResponse, String> {
@@ -398,7 +590,7 @@ impl Registry {
         let peers = swarm
             .peers
             .keys()
-            .filter(|&&other| other != peer)
+            .filter(|&&other| other != peer && family.admits(&other))
             .copied()
             .choose_multiple(rng, numwant);
         let stats = swarm.stats();
@@ -492,6 +684,7 @@ mod tests {
             .announce(
                 &query(1, 1000, 5, Some(AnnounceEvent::Started)),
                 addr(1000),
+                PeerFamily::Any,
                 now,
                 &mut rng,
             )
@@ -502,6 +695,7 @@ mod tests {
             .announce(
                 &query(1, 2000, 0, Some(AnnounceEvent::Started)),
                 addr(2000),
+                PeerFamily::Any,
                 now,
                 &mut rng,
             )
@@ -512,7 +706,13 @@ mod tests {
         assert_eq!(second.min_interval, Some(5));
         // Another torrent is a separate swarm.
         let other = reg
-            .announce(&query(2, 3000, 5, None), addr(3000), now, &mut rng)
+            .announce(
+                &query(2, 3000, 5, None),
+                addr(3000),
+                PeerFamily::Any,
+                now,
+                &mut rng,
+            )
             .unwrap();
         assert!(other.peers.is_empty());
         assert_eq!(reg.total_peers, 3);
@@ -523,13 +723,26 @@ mod tests {
         let mut reg = registry(30);
         let mut rng = rand::thread_rng();
         let now = Instant::now();
-        reg.announce(&query(1, 1000, 5, None), addr(1000), now, &mut rng)
-            .unwrap();
-        reg.announce(&query(1, 2000, 5, None), addr(2000), now, &mut rng)
-            .unwrap();
+        reg.announce(
+            &query(1, 1000, 5, None),
+            addr(1000),
+            PeerFamily::Any,
+            now,
+            &mut rng,
+        )
+        .unwrap();
+        reg.announce(
+            &query(1, 2000, 5, None),
+            addr(2000),
+            PeerFamily::Any,
+            now,
+            &mut rng,
+        )
+        .unwrap();
         reg.announce(
             &query(1, 1000, 0, Some(AnnounceEvent::Completed)),
             addr(1000),
+            PeerFamily::Any,
             now,
             &mut rng,
         )
@@ -546,17 +759,25 @@ mod tests {
         reg.announce(
             &query(1, 1000, 0, Some(AnnounceEvent::Stopped)),
             addr(1000),
+            PeerFamily::Any,
             now,
             &mut rng,
         )
         .unwrap();
         let answer = reg
-            .announce(&query(1, 2000, 5, None), addr(2000), now, &mut rng)
+            .announce(
+                &query(1, 2000, 5, None),
+                addr(2000),
+                PeerFamily::Any,
+                now,
+                &mut rng,
+            )
             .unwrap();
         assert!(answer.peers.is_empty());
         reg.announce(
             &query(1, 2000, 5, Some(AnnounceEvent::Stopped)),
             addr(2000),
+            PeerFamily::Any,
             now,
             &mut rng,
         )
@@ -570,11 +791,23 @@ mod tests {
         let mut reg = registry(30);
         let mut rng = rand::thread_rng();
         let start = Instant::now();
-        reg.announce(&query(1, 1000, 5, None), addr(1000), start, &mut rng)
-            .unwrap();
+        reg.announce(
+            &query(1, 1000, 5, None),
+            addr(1000),
+            PeerFamily::Any,
+            start,
+            &mut rng,
+        )
+        .unwrap();
         let later = start + Duration::from_secs(20);
-        reg.announce(&query(1, 2000, 5, None), addr(2000), later, &mut rng)
-            .unwrap();
+        reg.announce(
+            &query(1, 2000, 5, None),
+            addr(2000),
+            PeerFamily::Any,
+            later,
+            &mut rng,
+        )
+        .unwrap();
         reg.expire(start + Duration::from_secs(29));
         assert_eq!(reg.total_peers, 2);
         // Peer 1000 is lazily expired by an announce once it has been silent for 30 s.
@@ -582,6 +815,7 @@ mod tests {
             .announce(
                 &query(1, 2000, 5, None),
                 addr(2000),
+                PeerFamily::Any,
                 start + Duration::from_secs(31),
                 &mut rng,
             )
@@ -599,24 +833,146 @@ mod tests {
         let mut rng = rand::thread_rng();
         let now = Instant::now();
         for port in 1..=(MAX_PEERS_PER_TORRENT as u16) {
-            reg.announce(&query(1, port, 5, None), addr(port), now, &mut rng)
-                .unwrap();
+            reg.announce(
+                &query(1, port, 5, None),
+                addr(port),
+                PeerFamily::Any,
+                now,
+                &mut rng,
+            )
+            .unwrap();
         }
-        let full = reg.announce(&query(1, 60000, 5, None), addr(60000), now, &mut rng);
+        let full = reg.announce(
+            &query(1, 60000, 5, None),
+            addr(60000),
+            PeerFamily::Any,
+            now,
+            &mut rng,
+        );
         assert!(full.unwrap_err().contains("full"));
         let mut asks_many = query(1, 1, 5, None);
         asks_many.numwant = Some(u32::MAX);
-        let answer = reg.announce(&asks_many, addr(1), now, &mut rng).unwrap();
+        let answer = reg
+            .announce(&asks_many, addr(1), PeerFamily::Any, now, &mut rng)
+            .unwrap();
         assert_eq!(answer.peers.len(), MAX_NUMWANT);
         assert!(!answer.peers.contains(&addr(1)));
         asks_many.numwant = Some(3);
         assert_eq!(
-            reg.announce(&asks_many, addr(1), now, &mut rng)
+            reg.announce(&asks_many, addr(1), PeerFamily::Any, now, &mut rng)
                 .unwrap()
                 .peers
                 .len(),
             3
         );
+    }
+
+    #[test]
+    fn udp_requests_need_a_connection_id_and_get_one_family() {
+        use crate::core::tracker_proto::AnnounceRequest;
+        use crate::core::udp_tracker::*;
+        let shared = Shared {
+            registry: Mutex::new(registry(30)),
+            observers: broadcast::channel(16).0,
+        };
+        let key = [5u8; 16];
+        let ids = ConnectionIds {
+            key: &key,
+            minute: 3,
+        };
+        let v4: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:40000".parse().unwrap();
+        let ask = |packet: &[u8], from: SocketAddr, ids: ConnectionIds<'_>| {
+            let mut answer = Vec::new();
+            handle_udp(packet, from, &shared, ids, &mut answer).then_some(answer)
+        };
+        let connected = ask(&encode_connect_request(1), v4, ids).unwrap();
+        let id4 = decode_connect_response(&connected, 1).unwrap();
+        let connected = ask(&encode_connect_request(2), v6, ids).unwrap();
+        let id6 = decode_connect_response(&connected, 2).unwrap();
+        assert_ne!(id4, id6);
+
+        let announce = |port: u16| AnnounceRequest {
+            peer: SwarmPeer {
+                info_hash: [1; 20],
+                peer_id: [port as u8; 20],
+                port,
+            },
+            totals: TransferTotals::default(),
+            event: Some(AnnounceEvent::Started),
+            numwant: 50,
+        };
+        // Without a valid connection id (or from another address) nothing is answered.
+        assert!(ask(&encode_announce_request(7, 3, &announce(1000), 0), v4, ids).is_none());
+        assert!(ask(
+            &encode_announce_request(id6, 3, &announce(1000), 0),
+            v4,
+            ids
+        )
+        .is_none());
+        assert!(ask(&encode_connect_request(1)[..15], v4, ids).is_none());
+        let mut no_magic = encode_connect_request(1);
+        no_magic[0] = 1;
+        assert!(ask(&no_magic, v4, ids).is_none());
+
+        let first = ask(
+            &encode_announce_request(id4, 3, &announce(1000), 0),
+            v4,
+            ids,
+        )
+        .unwrap();
+        assert!(decode_announce_response(&first, 3, false)
+            .unwrap()
+            .peers
+            .is_empty());
+        // The id stays good in the next minute, not the one after.
+        let next_minute = ConnectionIds { minute: 4, ..ids };
+        let v6_answer = ask(
+            &encode_announce_request(id6, 4, &announce(2000), 0),
+            v6,
+            next_minute,
+        )
+        .unwrap();
+        // The IPv6 client is not given the IPv4 peer it cannot be told about.
+        let v6_answer = decode_announce_response(&v6_answer, 4, true).unwrap();
+        assert!(v6_answer.peers.is_empty());
+        assert_eq!(v6_answer.complete, Some(2));
+        let later = ConnectionIds { minute: 5, ..ids };
+        assert!(ask(
+            &encode_announce_request(id4, 5, &announce(1000), 0),
+            v4,
+            later
+        )
+        .is_none());
+        let again = ask(
+            &encode_announce_request(id4, 5, &announce(3000), 0),
+            v4,
+            ids,
+        )
+        .unwrap();
+        assert_eq!(
+            decode_announce_response(&again, 5, false).unwrap().peers,
+            vec![addr(1000)]
+        );
+
+        let scrape = ask(
+            &encode_scrape_request(id4, 6, &[[1; 20], [2; 20]]).unwrap(),
+            v4,
+            ids,
+        );
+        let stats = decode_scrape_response(&scrape.unwrap(), 6, &[[1; 20], [2; 20]]).unwrap();
+        assert_eq!(stats.files[&[1; 20]].complete, 3);
+        assert_eq!(stats.files[&[2; 20]], ScrapeStats::default());
+
+        // A malformed request with a valid id gets an error packet.
+        let short = &encode_announce_request(id4, 8, &announce(1000), 0)[..50];
+        let error = ask(short, v4, ids).unwrap();
+        assert!(matches!(
+            decode_announce_response(&error, 8, false),
+            Err(UdpTrackerError::Tracker(m)) if m.contains("shorter")
+        ));
+        let zero_port = ask(&encode_announce_request(id4, 9, &announce(0), 0), v4, ids).unwrap();
+        assert!(decode_announce_response(&zero_port, 9, false).is_err());
     }
 
     #[test]
