@@ -4,8 +4,9 @@
 //! / `main.rs`.
 //! - `core`: pure logic (metainfo, geometry and file layout, wire codec, the per-peer protocol
 //!   state machine `peer_proto`, picker, choker, cache, the `metadata` (BEP 9) and `pex`
-//!   (BEP 11) extensions); no I/O, no clock (time is a parameter).
-//! - `net`: sockets over the core codecs (peer connections over any byte stream, trackers).
+//!   (BEP 11) extensions, HTTP and UDP tracker messages); no I/O, no clock (time is a parameter).
+//! - `net`: sockets over the core codecs (peer connections over any byte stream, HTTP and UDP
+//!   tracker clients, the built-in tracker).
 //! - `disk`: piece reads and writes under `--data-dir` on blocking threads, one handle per file.
 //! - `engine`: the tokio tasks that run torrents. `state` holds a torrent's shared state behind
 //!   named transitions (its invariant: a piece is held iff cached or on disk); `peer` is a thin

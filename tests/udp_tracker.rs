@@ -221,6 +221,11 @@ async fn two_peers_find_each_other(server: &TrackerServer, ip: std::net::IpAddr)
         0,
         "unknown torrents count 0"
     );
+    // More than fit in one UDP scrape (74) are asked in several.
+    let many: Vec<[u8; 20]> = (0..100u8).map(|i| [i; 20]).chain([info_hash]).collect();
+    let scrape = client.scrape(&url, &many).await.unwrap();
+    assert_eq!(scrape.files.len(), many.len());
+    assert_eq!(scrape.files[&info_hash].complete, 3);
 }
 
 #[tokio::test]

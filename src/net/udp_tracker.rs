@@ -17,11 +17,13 @@ use crate::core::tracker_proto::{AnnounceRequest, AnnounceResponse, ScrapeRespon
 use crate::core::udp_tracker::{
     decode_announce_response, decode_connect_response, decode_scrape_response,
     encode_announce_request, encode_connect_request, encode_scrape_request, retry_timeout,
-    ConnectionId, UdpTrackerError, MAX_DATAGRAM, SPEC_ATTEMPTS, SPEC_RETRY_BASE,
+    ConnectionId, UdpTrackerError, MAX_DATAGRAM, MAX_SCRAPE_HASHES, SPEC_ATTEMPTS, SPEC_RETRY_BASE,
 };
 
 /// Most trackers whose connection ids we remember at once.
 const MAX_CACHED_CONNECTIONS: usize = 1024;
+/// Most addresses of one tracker host tried (each only while the previous ones refuse at once).
+const MAX_ADDRESSES: usize = 4;
 
 /// The retransmission schedule. `Default` is the spec's: 15 s, doubling, 9 sends (about 2 hours
 /// in all).
@@ -72,38 +74,73 @@ impl UdpTrackerClient {
         tracker: &str,
         req: &AnnounceRequest,
     ) -> Result<AnnounceResponse, TrackerError> {
-        let addr = resolve(tracker).await?;
-        let ipv6 = addr.is_ipv6();
-        self.exchange(
-            addr,
-            |connection_id, transaction_id| {
-                Ok(encode_announce_request(
-                    connection_id,
-                    transaction_id,
-                    req,
-                    self.key,
-                ))
-            },
-            |packet, transaction_id| decode_announce_response(packet, transaction_id, ipv6),
-        )
-        .await
+        let mut last_error = None;
+        for addr in resolve(tracker).await? {
+            let ipv6 = addr.is_ipv6();
+            let result = self
+                .exchange(
+                    addr,
+                    |connection_id, transaction_id| {
+                        Ok(encode_announce_request(
+                            connection_id,
+                            transaction_id,
+                            req,
+                            self.key,
+                        ))
+                    },
+                    |packet, transaction_id| decode_announce_response(packet, transaction_id, ipv6),
+                )
+                .await;
+            match result {
+                // Refused or unreachable at once: the host's next address may work.
+                Err(e @ TrackerError::Network(_)) => last_error = Some(e),
+                other => return other,
+            }
+        }
+        Err(last_error.unwrap_or_else(|| TrackerError::Network("no address".into())))
     }
 
-    /// Scrapes `tracker` for at most `core::udp_tracker::MAX_SCRAPE_HASHES` torrents.
+    /// Scrapes `tracker` for `info_hashes`, in requests of at most
+    /// `core::udp_tracker::MAX_SCRAPE_HASHES` (BEP 15 has no full scrape: an empty list asks
+    /// about nothing).
     pub async fn scrape(
         &self,
         tracker: &str,
         info_hashes: &[[u8; 20]],
     ) -> Result<ScrapeResponse, TrackerError> {
-        let addr = resolve(tracker).await?;
-        self.exchange(
-            addr,
-            |connection_id, transaction_id| {
-                encode_scrape_request(connection_id, transaction_id, info_hashes)
-            },
-            |packet, transaction_id| decode_scrape_response(packet, transaction_id, info_hashes),
-        )
-        .await
+        let mut last_error = None;
+        for addr in resolve(tracker).await? {
+            match self.scrape_at(addr, info_hashes).await {
+                Err(e @ TrackerError::Network(_)) => last_error = Some(e),
+                other => return other,
+            }
+        }
+        Err(last_error.unwrap_or_else(|| TrackerError::Network("no address".into())))
+    }
+
+    async fn scrape_at(
+        &self,
+        addr: SocketAddr,
+        info_hashes: &[[u8; 20]],
+    ) -> Result<ScrapeResponse, TrackerError> {
+        let mut response = ScrapeResponse::default();
+        let mut chunks: Vec<&[[u8; 20]]> = info_hashes.chunks(MAX_SCRAPE_HASHES).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let part = self
+                .exchange(
+                    addr,
+                    |connection_id, transaction_id| {
+                        encode_scrape_request(connection_id, transaction_id, chunk)
+                    },
+                    |packet, transaction_id| decode_scrape_response(packet, transaction_id, chunk),
+                )
+                .await?;
+            response.files.extend(part.files);
+        }
+        Ok(response)
     }
 
     /// Connects if no connection id is cached, sends the request, and waits for its answer,
@@ -223,9 +260,9 @@ async fn receive<T>(
     }
 }
 
-/// The tracker's address from a `udp://host:port` URL (a host name is resolved; the first address
-/// it has is used).
-async fn resolve(tracker: &str) -> Result<SocketAddr, TrackerError> {
+/// The tracker's addresses from a `udp://host:port` URL: the literal IP, or up to `MAX_ADDRESSES`
+/// of a host name's, in resolver order.
+async fn resolve(tracker: &str) -> Result<Vec<SocketAddr>, TrackerError> {
     let invalid = |why: &str| TrackerError::InvalidUrl(format!("{tracker}: {why}"));
     let url = url::Url::parse(tracker).map_err(|e| invalid(&e.to_string()))?;
     if url.scheme() != "udp" {
@@ -233,21 +270,24 @@ async fn resolve(tracker: &str) -> Result<SocketAddr, TrackerError> {
     }
     let port = url.port().ok_or_else(|| invalid("no port"))?;
     let host = match url.host() {
-        Some(url::Host::Ipv4(ip)) => return Ok(SocketAddr::from((ip, port))),
-        Some(url::Host::Ipv6(ip)) => return Ok(SocketAddr::from((ip, port))),
+        Some(url::Host::Ipv4(ip)) => return Ok(vec![SocketAddr::from((ip, port))]),
+        Some(url::Host::Ipv6(ip)) => return Ok(vec![SocketAddr::from((ip, port))]),
         Some(url::Host::Domain(name)) if !name.is_empty() => name.to_string(),
         _ => return Err(invalid("no host")),
     };
     // Non-special URL schemes keep IP literals as text.
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let mut addrs = tokio::net::lookup_host((host.as_str(), port))
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
-        .map_err(|e| TrackerError::Network(format!("cannot resolve {host}: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| TrackerError::Network(format!("{host} has no address")))
+        .map_err(|e| TrackerError::Network(format!("cannot resolve {host}: {e}")))?
+        .take(MAX_ADDRESSES)
+        .collect();
+    if addrs.is_empty() {
+        return Err(TrackerError::Network(format!("{host} has no address")));
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]
@@ -258,18 +298,16 @@ mod tests {
     async fn urls_resolve_without_the_network() {
         assert_eq!(
             resolve("udp://127.0.0.1:6969/announce").await,
-            Ok("127.0.0.1:6969".parse().unwrap())
+            Ok(vec!["127.0.0.1:6969".parse().unwrap()])
         );
         assert_eq!(
             resolve("udp://[::1]:80").await,
-            Ok("[::1]:80".parse().unwrap())
+            Ok(vec!["[::1]:80".parse().unwrap()])
         );
-        assert_eq!(
-            resolve("udp://localhost:1/announce")
-                .await
-                .map(|a| a.port()),
-            Ok(1)
-        );
+        let localhost = resolve("udp://localhost:1/announce").await.unwrap();
+        assert!(localhost
+            .iter()
+            .all(|a| a.port() == 1 && a.ip().is_loopback()));
         assert!(matches!(
             resolve("udp://127.0.0.1/announce").await,
             Err(TrackerError::InvalidUrl(_))
