@@ -140,8 +140,8 @@ pub enum TrackerError {
     Network(String),
     #[error("invalid tracker URL: {0}")]
     InvalidUrl(String),
-    /// Neither an http(s) nor a udp URL (and, for the HTTP URL builders here, not http(s); UDP
-    /// messages are in `core::udp_tracker`).
+    /// A scheme the code at hand does not speak: the URL builders here take http(s) only, the
+    /// tracker client http(s) and udp.
     #[error("unsupported tracker URL scheme: {0}")]
     UnsupportedScheme(String),
     /// The announce URL does not end in `announce`, so it has no scrape convention.
