@@ -289,9 +289,16 @@ struct OpenTracker {
     url: String,
 }
 
+/// A torrent every opentracker here also serves, announced to until the whitelist is loaded.
+const OPENTRACKER_PROBE: [u8; 20] = [0x9B; 20];
+
 async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
     let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelisted.iter().map(|h| hex::encode(h) + "\n").collect();
+    let list: String = whitelisted
+        .iter()
+        .chain([&OPENTRACKER_PROBE])
+        .map(|h| hex::encode(h) + "\n")
+        .collect();
     std::fs::write(dir.path().join("whitelist.txt"), list).unwrap();
     let port = unused_port();
     // opentracker chroots to -d and reads the whitelist from there, so the name is relative.
@@ -318,15 +325,14 @@ async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
         }
         Err(e) => panic!("cannot start opentracker: {e}"),
     };
-    // Ready means: it answers an announce for a whitelisted torrent (it loads the whitelist
-    // after it starts listening, refusing every torrent until then).
+    // Ready means: it accepts a `started` for the probe torrent (it loads the whitelist after
+    // it starts listening, refusing every torrent until then; a `stopped` it answers for any
+    // torrent, so that is no sign). The probe's own swarm keeps the tested ones clean.
     let url = format!("http://127.0.0.1:{port}/announce");
-    if let Some(&probe_hash) = whitelisted.first() {
-        let client = TrackerClient::new();
-        let probe = request(probe_hash, 1, 0, Some(AnnounceEvent::Stopped));
-        while client.announce(&url, &probe).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let client = TrackerClient::new();
+    let probe = request(OPENTRACKER_PROBE, 1, 0, Some(AnnounceEvent::Started));
+    while client.announce(&url, &probe).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     OpenTracker {
         _child: child,

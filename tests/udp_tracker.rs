@@ -84,9 +84,16 @@ struct OpenTracker {
     url: String,
 }
 
+/// A torrent every opentracker here also serves, announced to until the whitelist is loaded.
+const OPENTRACKER_PROBE: [u8; 20] = [0x9B; 20];
+
 async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
     let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelisted.iter().map(|h| hex::encode(h) + "\n").collect();
+    let list: String = whitelisted
+        .iter()
+        .chain([&OPENTRACKER_PROBE])
+        .map(|h| hex::encode(h) + "\n")
+        .collect();
     std::fs::write(dir.path().join("whitelist.txt"), list).unwrap();
     let udp_port = unused_udp_port();
     let tcp_port = common::free_port();
@@ -108,11 +115,13 @@ async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
         }
         Err(e) => panic!("cannot start opentracker: {e}"),
     };
-    // Ready means: it answers a UDP announce for a whitelisted torrent (before it listens the
-    // port is refused; before it has read the whitelist every torrent is refused).
+    // Ready means: it accepts a UDP `started` for the probe torrent (before it listens the port
+    // is refused; before it has read the whitelist every torrent is refused, except that a
+    // `stopped` is answered for any torrent, so that is no sign). The probe's own swarm keeps
+    // the tested ones clean.
     let url = format!("udp://127.0.0.1:{udp_port}/announce");
     let client = TrackerClient::with_udp_schedule(quick_schedule());
-    let probe = request(whitelisted[0], 1, 0, Some(AnnounceEvent::Stopped));
+    let probe = request(OPENTRACKER_PROBE, 1, 0, Some(AnnounceEvent::Started));
     while client.announce(&url, &probe).await.is_err() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
