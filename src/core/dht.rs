@@ -1139,6 +1139,8 @@ pub mod sim {
         pub alive: bool,
         /// Events polled from the node, oldest first.
         pub events: Vec<DhtEvent>,
+        /// When each of `events` came out (parallel to it).
+        pub event_times: Vec<Instant>,
         /// The earliest timer queued for it, if any.
         timer: Option<Instant>,
     }
@@ -1199,6 +1201,7 @@ pub mod sim {
                 addr,
                 alive: true,
                 events: Vec::new(),
+                event_times: Vec::new(),
                 timer: None,
             });
             self.by_addr.insert(addr, i);
@@ -1239,6 +1242,7 @@ pub mod sim {
             let node = &mut self.nodes[i];
             while let Some(e) = node.dht.poll_event() {
                 node.events.push(e);
+                node.event_times.push(self.now);
             }
             if let Some(t) = node.dht.next_timeout() {
                 if node.timer.is_none_or(|s| t < s) {
