@@ -62,7 +62,10 @@ struct Outcome {
     found: bool,
     hops: u32,
     queries: u32,
+    /// Until the lookup ended.
     millis: f64,
+    /// Until the announced peer came back (DHT; NaN if it did not).
+    peers_millis: f64,
 }
 
 /// The lookups of one size: who looks up which key, and who leaves in what order.
@@ -186,36 +189,43 @@ fn dht_lookups(net: &mut SimNetwork, plan: &Plan) -> Vec<Outcome> {
                     hops: 0,
                     queries: 0,
                     millis: f64::NAN,
+                    peers_millis: f64::NAN,
                 });
                 continue;
             };
             let node = &net.nodes[s];
-            let done_at = node
-                .events
-                .iter()
-                .zip(&node.event_times)
-                .find_map(|(e, t)| match e {
-                    DhtEvent::LookupDone { lookup: l, .. } if *l == lookup => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(start);
+            let expected_peer = {
+                let mut a = SimNetwork::addr_of(plan.announcers[j]);
+                a.set_port(announce_port(j));
+                a
+            };
+            let when = |wanted: &dyn Fn(&DhtEvent) -> bool| {
+                node.events
+                    .iter()
+                    .zip(&node.event_times)
+                    .find(|(e, _)| wanted(e))
+                    .map(|(_, t)| (*t - start).as_secs_f64() * 1000.0)
+                    .unwrap_or(f64::NAN)
+            };
+            let millis =
+                when(&|e| matches!(e, DhtEvent::LookupDone { lookup: l, .. } if *l == lookup));
+            let peers_millis = when(&|e| {
+                matches!(e, DhtEvent::Peers { lookup: l, peers, .. }
+                    if *l == lookup && peers.contains(&expected_peer))
+            });
             let key = NodeId(plan.keys[j]);
             let owner = alive
                 .iter()
                 .filter(|(_, i)| *i != s)
                 .min_by_key(|(id, _)| key.distance(id))
                 .map(|(id, _)| *id);
-            let expected_peer = {
-                let mut a = SimNetwork::addr_of(plan.announcers[j]);
-                a.set_port(announce_port(j));
-                a
-            };
             outcomes.push(Outcome {
                 routed: summary.closest.first().map(|(id, _)| *id) == owner,
-                found: net.lookup_peers(s, lookup).contains(&expected_peer),
+                found: !peers_millis.is_nan(),
                 hops: summary.hops,
                 queries: summary.queried,
-                millis: (done_at - start).as_secs_f64() * 1000.0,
+                millis,
+                peers_millis,
             });
         }
         // Keep event lists short: the next batch scans them.
@@ -282,6 +292,7 @@ fn ring_lookups(plan: &Plan, left: &[usize], rtt: Duration, timeout: Duration) -
                 hops,
                 queries: hops + timeouts,
                 millis: (rtt * hops + timeout * timeouts).as_secs_f64() * 1000.0,
+                peers_millis: f64::NAN,
             }
         })
         .collect()
@@ -295,6 +306,8 @@ struct Figures {
     max_hops: u32,
     mean_queries: f64,
     median_ms: f64,
+    /// Until the announced peer came back, over the lookups that found it.
+    median_peers_ms: f64,
 }
 
 /// Hop and time figures count the lookups that routed.
@@ -303,8 +316,11 @@ fn figures(outcomes: &[Outcome]) -> Figures {
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.routed).collect();
     let mut hops: Vec<u32> = ok.iter().map(|o| o.hops).collect();
     hops.sort_unstable();
-    let mut ms: Vec<f64> = ok.iter().map(|o| o.millis).collect();
-    ms.sort_by(f64::total_cmp);
+    let median = |mut v: Vec<f64>| {
+        v.retain(|x| !x.is_nan());
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     let pick = |v: &[u32], q: f64| {
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
             .copied()
@@ -321,8 +337,30 @@ fn figures(outcomes: &[Outcome]) -> Figures {
         p95_hops: pick(&hops, 0.95),
         max_hops: hops.last().copied().unwrap_or(0),
         mean_queries: outcomes.iter().map(|o| o.queries as f64).sum::<f64>() / total,
-        median_ms: ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN),
+        median_ms: median(ok.iter().map(|o| o.millis).collect()),
+        median_peers_ms: median(outcomes.iter().map(|o| o.peers_millis).collect()),
     }
+}
+
+const BASE_WIDTHS: &[usize] = &[6, 7, 7, 8, 4, 4, 7, 7, 7, 8, 8, 9, 5, 8];
+/// Columns after which a bar separates the DHT's figures and the ring's.
+const BASE_BARS: &[usize] = &[2, 10];
+const CHURN_WIDTHS: &[usize] = &[6, 5, 7, 7, 7, 8, 7, 8, 8, 7, 9, 8];
+const CHURN_BARS: &[usize] = &[2, 8];
+
+/// One table row, right-aligned.
+fn row<S: AsRef<str>>(cells: &[S], widths: &[usize], bars: &[usize]) -> String {
+    let mut line = String::new();
+    for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        if i > 0 {
+            line.push(' ');
+        }
+        write!(line, "{:>width$}", cell.as_ref()).unwrap();
+        if bars.contains(&i) {
+            line.push_str(" |");
+        }
+    }
+    line
 }
 
 /// A figure, or "-" when no lookup routed.
@@ -354,15 +392,14 @@ fn main() {
     );
     println!(
         "DHT hops: the longest chain of referrals to a node that answered (1 = a node the \
-         searcher already knew); ring hops: messages forwarded. Hops and ms count lookups that \
-         routed.\n"
+         searcher already knew); ring hops: messages forwarded. Hops and \"ms done\" (median \
+         simulated time to the lookup's end) count the lookups that routed; \"ms peers\": median \
+         time until the announced peer came back.\n"
     );
     let mut base = String::new();
     let mut churn = String::new();
     let mut data = String::from("# n log2(n) dht_mean_hops ring_mean_hops\n");
-    writeln!(
-        base,
-        "{:>6} {:>7} {:>7} | {:>9} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>6} {:>9}",
+    let base_header = [
         "n",
         "log2(n)",
         "lookups",
@@ -372,15 +409,14 @@ fn main() {
         "queries",
         "routed",
         "found",
-        "ms(med)",
+        "ms peers",
+        "ms done",
         "ring hops",
         "max",
-        "ms(med)"
-    )
-    .unwrap();
-    writeln!(
-        churn,
-        "{:>6} {:>5} {:>7} | {:>7} {:>7} {:>9} {:>9} {:>8} | {:>7} {:>9} {:>10}",
+        "ms done",
+    ];
+    writeln!(base, "{}", row(&base_header, BASE_WIDTHS, BASE_BARS)).unwrap();
+    let churn_header = [
         "n",
         "left",
         "lookups",
@@ -388,12 +424,13 @@ fn main() {
         "found",
         "DHT hops",
         "queries",
-        "ms(med)",
+        "ms peers",
+        "ms done",
         "routed",
         "ring hops",
-        "ms(med)"
-    )
-    .unwrap();
+        "ms done",
+    ];
+    writeln!(churn, "{}", row(&churn_header, CHURN_WIDTHS, CHURN_BARS)).unwrap();
     for &n in &args.sizes {
         let lookups = if n >= args.large_from {
             args.lookups_large
@@ -405,24 +442,23 @@ fn main() {
         let mut net = build_dht(&plan, one_way, args.seed);
         let dht = figures(&dht_lookups(&mut net, &plan));
         let ring = figures(&ring_lookups(&plan, &[], rtt, timeout));
-        writeln!(
-            base,
-            "{:>6} {:>7.1} {:>7} | {:>9} {:>6} {:>6} {:>7.1} {:>6.1}% {:>6.1}% {:>8} | {:>9} {:>6} {:>9}",
-            n,
-            (n as f64).log2(),
-            lookups,
+        let cells = [
+            n.to_string(),
+            format!("{:.1}", (n as f64).log2()),
+            lookups.to_string(),
             num(dht.mean_hops, 2),
-            dht.p95_hops,
-            dht.max_hops,
-            dht.mean_queries,
-            dht.routed,
-            dht.found,
+            dht.p95_hops.to_string(),
+            dht.max_hops.to_string(),
+            format!("{:.1}", dht.mean_queries),
+            format!("{:.1}%", dht.routed),
+            format!("{:.1}%", dht.found),
+            num(dht.median_peers_ms, 0),
             num(dht.median_ms, 0),
             num(ring.mean_hops, 1),
-            ring.max_hops,
-            num(ring.median_ms, 0)
-        )
-        .unwrap();
+            ring.max_hops.to_string(),
+            num(ring.median_ms, 0),
+        ];
+        writeln!(base, "{}", row(&cells, BASE_WIDTHS, BASE_BARS)).unwrap();
         writeln!(
             data,
             "{n} {:.3} {:.3} {:.3}",
@@ -440,22 +476,21 @@ fn main() {
             }
             let dht = figures(&dht_lookups(&mut net, &plan));
             let ring = figures(&ring_lookups(&plan, left, rtt, timeout));
-            writeln!(
-                churn,
-                "{:>6} {:>4}% {:>7} | {:>6.1}% {:>6.1}% {:>9} {:>9.1} {:>8} | {:>6.1}% {:>9} {:>10}",
-                n,
-                percent,
-                lookups,
-                dht.routed,
-                dht.found,
+            let cells = [
+                n.to_string(),
+                format!("{percent}%"),
+                lookups.to_string(),
+                format!("{:.1}%", dht.routed),
+                format!("{:.1}%", dht.found),
                 num(dht.mean_hops, 2),
-                dht.mean_queries,
+                format!("{:.1}", dht.mean_queries),
+                num(dht.median_peers_ms, 0),
                 num(dht.median_ms, 0),
-                ring.routed,
+                format!("{:.1}%", ring.routed),
                 num(ring.mean_hops, 1),
-                num(ring.median_ms, 0)
-            )
-            .unwrap();
+                num(ring.median_ms, 0),
+            ];
+            writeln!(churn, "{}", row(&cells, CHURN_WIDTHS, CHURN_BARS)).unwrap();
         }
         eprintln!(
             "dht_sim: n={n}: {lookups} lookups x {} networks in {:.1} s",

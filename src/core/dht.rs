@@ -67,6 +67,10 @@ const PINGS_PER_MAINTENANCE: usize = 4;
 const LOOKUP_SLOTS_KEPT_FREE: usize = MAX_LOOKUPS / 2;
 /// The rate limiter's window.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A lookup query unanswered this long stops counting against alpha (it may still answer until
+/// `query_timeout`), so one departed node does not stall a lookup for the whole timeout
+/// (libtorrent's "short timeout").
+pub const SLOW_QUERY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct DhtConfig {
@@ -178,6 +182,8 @@ struct Pending {
     /// The id we expect to answer (unknown for bootstrap contacts).
     node: Option<NodeId>,
     deadline: Instant,
+    /// When a lookup query turns slow (lookup queries only).
+    slow_at: Option<Instant>,
     purpose: Purpose,
 }
 
@@ -202,6 +208,8 @@ struct Candidate {
     state: CandidateState,
     /// Referrals from a node we knew before the lookup (1) to this one.
     depth: u32,
+    /// In flight past `SLOW_QUERY_AFTER`: no longer counted in `Lookup::in_flight`.
+    slow: bool,
     token: Option<Vec<u8>>,
 }
 
@@ -219,6 +227,7 @@ struct Lookup {
     internal: bool,
     /// Sorted by `Candidate::key`.
     candidates: Vec<Candidate>,
+    /// Queries in flight that are not slow: at most alpha.
     in_flight: usize,
     queried: u32,
     answered: u32,
@@ -242,6 +251,7 @@ impl Lookup {
             addr,
             state: CandidateState::New,
             depth,
+            slow: false,
             token: None,
         };
         self.insert_sorted(candidate);
@@ -390,6 +400,8 @@ pub struct Dht {
     pending: HashMap<u32, Pending>,
     /// (deadline, transaction id) of every pending query, earliest first.
     deadlines: BTreeSet<(Instant, u32)>,
+    /// (slow_at, transaction id) of pending lookup queries not yet slow, earliest first.
+    slow_marks: BTreeSet<(Instant, u32)>,
     lookups: HashMap<LookupId, Lookup>,
     next_lookup: u64,
     store: PeerStore,
@@ -421,6 +433,7 @@ impl Dht {
             last_bootstrap: None,
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
+            slow_marks: BTreeSet::new(),
             lookups: HashMap::new(),
             next_lookup: 1,
             store: PeerStore::default(),
@@ -568,7 +581,7 @@ impl Dht {
         let Some(pending) = self.pending.remove(&tid) else {
             return;
         };
-        self.deadlines.remove(&(pending.deadline, tid));
+        self.forget_timers(tid, &pending);
         let Some(response) = response else {
             // An error: the node is alive, but the query failed.
             if let Some(id) = pending.node {
@@ -625,18 +638,33 @@ impl Dht {
             }
         };
         let deadline = now + self.cfg.query_timeout;
+        let slow_at = match purpose {
+            Purpose::Lookup(_) => Some(now + SLOW_QUERY_AFTER).filter(|&t| t < deadline),
+            Purpose::Ping | Purpose::Announce => None,
+        };
         self.pending.insert(
             tid,
             Pending {
                 to,
                 node,
                 deadline,
+                slow_at,
                 purpose,
             },
         );
         self.deadlines.insert((deadline, tid));
+        if let Some(t) = slow_at {
+            self.slow_marks.insert((t, tid));
+        }
         self.send(to, tid.to_be_bytes().to_vec(), Body::Query(query));
         true
+    }
+
+    fn forget_timers(&mut self, tid: u32, pending: &Pending) {
+        self.deadlines.remove(&(pending.deadline, tid));
+        if let Some(t) = pending.slow_at {
+            self.slow_marks.remove(&(t, tid));
+        }
     }
 
     fn send(&mut self, to: SocketAddr, tid: Vec<u8>, body: Body) {
@@ -678,8 +706,23 @@ impl Dht {
             }
             self.deadlines.pop_first();
             if let Some(pending) = self.pending.remove(&tid) {
+                self.forget_timers(tid, &pending);
                 self.counters.timeouts += 1;
                 self.query_failed(pending, now);
+            }
+        }
+        while let Some(&(slow_at, tid)) = self.slow_marks.first() {
+            if slow_at > now {
+                break;
+            }
+            self.slow_marks.pop_first();
+            if let Some(&Pending {
+                to,
+                purpose: Purpose::Lookup(lookup),
+                ..
+            }) = self.pending.get(&tid)
+            {
+                self.lookup_slow(lookup, to, now);
             }
         }
         if now >= self.next_store_sweep {
@@ -726,6 +769,9 @@ impl Dht {
             .min(rotation);
         if let Some(&(deadline, _)) = self.deadlines.first() {
             next = next.min(deadline);
+        }
+        if let Some(&(slow_at, _)) = self.slow_marks.first() {
+            next = next.min(slow_at);
         }
         Some(next)
     }
@@ -817,30 +863,38 @@ impl Dht {
         Some(id)
     }
 
-    /// Sends queries while fewer than alpha are in flight, to the closest not-yet-queried nodes
-    /// among the K closest that have not failed; finishes when those K have all answered.
+    /// Sends queries while fewer than alpha are in flight (slow ones not counted), to the closest
+    /// not-yet-queried nodes among the K closest that have not failed (slow ones not counted);
+    /// finishes when those K have all answered.
     fn advance_lookup(&mut self, id: LookupId, now: Instant) {
         loop {
             let Some(lookup) = self.lookups.get_mut(&id) else {
                 return;
             };
+            // The window: the K closest that have not failed, looking past slow ones (they may
+            // well have left, so the nodes behind them are worth asking meanwhile).
             let mut next = None;
             let mut unfinished = false;
-            for (i, c) in lookup
-                .candidates
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.state != CandidateState::Failed)
-                .take(K)
-            {
+            let mut room = K;
+            for (i, c) in lookup.candidates.iter().enumerate() {
+                if room == 0 {
+                    break;
+                }
                 match c.state {
+                    CandidateState::Failed => continue,
                     CandidateState::New => {
                         unfinished = true;
                         next = next.or(Some(i));
                     }
-                    CandidateState::InFlight => unfinished = true,
-                    _ => {}
+                    CandidateState::InFlight => {
+                        unfinished = true;
+                        if c.slow {
+                            continue;
+                        }
+                    }
+                    CandidateState::Answered => {}
                 }
+                room -= 1;
             }
             if !unfinished {
                 self.finish_lookup(id, now);
@@ -889,7 +943,9 @@ impl Dht {
         let Some(i) = lookup.in_flight_at(from) else {
             return;
         };
-        lookup.in_flight -= 1;
+        if !lookup.candidates[i].slow {
+            lookup.in_flight -= 1;
+        }
         lookup.answered += 1;
         let mut candidate = lookup.candidates.remove(i);
         candidate.state = CandidateState::Answered;
@@ -929,9 +985,26 @@ impl Dht {
         let Some(i) = lookup.in_flight_at(addr) else {
             return;
         };
-        lookup.in_flight -= 1;
+        if !lookup.candidates[i].slow {
+            lookup.in_flight -= 1;
+        }
         lookup.candidates[i].state = CandidateState::Failed;
         self.advance_lookup(id, now);
+    }
+
+    /// A lookup query is slow: it frees its slot for another (it may still answer).
+    fn lookup_slow(&mut self, id: LookupId, addr: SocketAddr, now: Instant) {
+        let Some(lookup) = self.lookups.get_mut(&id) else {
+            return;
+        };
+        let Some(i) = lookup.in_flight_at(addr) else {
+            return;
+        };
+        if !lookup.candidates[i].slow {
+            lookup.candidates[i].slow = true;
+            lookup.in_flight -= 1;
+            self.advance_lookup(id, now);
+        }
     }
 
     fn finish_lookup(&mut self, id: LookupId, now: Instant) {
@@ -1069,6 +1142,12 @@ impl Dht {
         for (deadline, tid) in &self.deadlines {
             assert_eq!(self.pending.get(tid).map(|p| p.deadline), Some(*deadline));
         }
+        for (slow_at, tid) in &self.slow_marks {
+            assert_eq!(
+                self.pending.get(tid).and_then(|p| p.slow_at),
+                Some(*slow_at)
+            );
+        }
         assert!(self.lookups.len() <= MAX_LOOKUPS);
         for lookup in self.lookups.values() {
             assert!(lookup.candidates.len() <= MAX_LOOKUP_CANDIDATES + 1);
@@ -1081,7 +1160,7 @@ impl Dht {
             let in_flight = lookup
                 .candidates
                 .iter()
-                .filter(|c| c.state == CandidateState::InFlight)
+                .filter(|c| c.state == CandidateState::InFlight && !c.slow)
                 .count();
             assert_eq!(in_flight, lookup.in_flight);
             assert!(lookup.peers_seen.len() <= MAX_PEERS_PER_LOOKUP);
@@ -1842,6 +1921,48 @@ mod tests {
             }
         }
         assert_eq!(retries, 2, "one retry per 30 s");
+    }
+
+    #[test]
+    fn a_silent_node_frees_its_lookup_slot_after_a_second_but_may_still_answer() {
+        let mut p = Probe::new(test_cfg());
+        let contacts: Vec<SocketAddr> = (1..=5)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 1)))
+            .collect();
+        let lookup = p.dht.find_node(NodeId([1; 20]), p.now);
+        assert!(
+            p.dht.poll_transmit().is_none(),
+            "no nodes, no contacts: nothing to ask"
+        );
+        assert!(
+            matches!(p.dht.poll_event(), Some(DhtEvent::LookupDone { lookup: l, .. }) if l == lookup)
+        );
+        p.dht.bootstrap(&contacts, p.now);
+        let first: Vec<Transmit> = std::iter::from_fn(|| p.dht.poll_transmit()).collect();
+        assert_eq!(first.len(), 3, "alpha in flight");
+        assert_eq!(p.dht.next_timeout(), Some(p.now + SLOW_QUERY_AFTER));
+        p.advance(SLOW_QUERY_AFTER);
+        let second: Vec<Transmit> = std::iter::from_fn(|| p.dht.poll_transmit()).collect();
+        assert_eq!(second.len(), 2, "the slow ones no longer hold their slots");
+        p.dht.check_invariants();
+        // A slow node that answers late still counts.
+        let tid = krpc::decode(&first[0].bytes).unwrap().tid;
+        let answer = Message {
+            tid,
+            version: None,
+            read_only: false,
+            body: Body::Response(Response {
+                nodes: Some(vec![]),
+                ..Response::id_only(NodeId([3; 20]))
+            }),
+        };
+        p.now += Duration::from_secs(2);
+        p.dht.handle(first[0].to, &answer.encode(), p.now);
+        assert_eq!(p.dht.stats().nodes, 1);
+        p.dht.check_invariants();
+        p.advance(Duration::from_secs(5));
+        assert_eq!(p.dht.stats().lookups_running, 0);
+        p.dht.check_invariants();
     }
 
     #[test]
