@@ -67,6 +67,8 @@ const PINGS_PER_MAINTENANCE: usize = 4;
 const LOOKUP_SLOTS_KEPT_FREE: usize = MAX_LOOKUPS / 2;
 /// The rate limiter's window.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A full rate-limit map is purged of ended windows at most this often.
+const RATE_PURGE_EVERY: Duration = Duration::from_millis(100);
 /// A lookup query unanswered this long stops counting against alpha (it may still answer until
 /// `query_timeout`), so one departed node does not stall a lookup for the whole timeout
 /// (libtorrent's "short timeout").
@@ -303,10 +305,12 @@ struct StoredPeer {
     announced: Instant,
 }
 
-/// Peers announced to us, per info-hash: bounded both ways, oldest evicted first.
+/// Peers announced to us, per info-hash: bounded both ways, oldest evicted first. Each torrent's
+/// peers are kept oldest announce first, so eviction, expiry and "most recent first" need no sort
+/// (the work an announce can cost us stays at one pass over the torrents).
 #[derive(Default)]
 struct PeerStore {
-    torrents: HashMap<[u8; 20], Vec<StoredPeer>>,
+    torrents: HashMap<[u8; 20], VecDeque<StoredPeer>>,
     peers: usize,
 }
 
@@ -320,26 +324,20 @@ impl PeerStore {
             let oldest = self
                 .torrents
                 .iter()
-                .min_by_key(|(_, peers)| peers.iter().map(|p| p.announced).max())
+                .min_by_key(|(_, peers)| peers.back().map(|p| p.announced))
                 .map(|(h, _)| *h);
-            if let Some(h) = oldest {
-                if let Some(gone) = self.torrents.remove(&h) {
-                    self.peers -= gone.len();
-                }
+            if let Some(gone) = oldest.and_then(|h| self.torrents.remove(&h)) {
+                self.peers -= gone.len();
             }
         }
         let peers = self.torrents.entry(info_hash).or_default();
-        if let Some(p) = peers.iter_mut().find(|p| p.addr == addr) {
-            p.announced = now;
-            return;
+        if let Some(i) = peers.iter().position(|p| p.addr == addr) {
+            peers.remove(i);
+            self.peers -= 1;
+        } else if peers.len() >= cfg.max_peers_per_torrent && peers.pop_front().is_some() {
+            self.peers -= 1;
         }
-        if peers.len() >= cfg.max_peers_per_torrent {
-            if let Some(oldest) = (0..peers.len()).min_by_key(|&i| peers[i].announced) {
-                peers.swap_remove(oldest);
-                self.peers -= 1;
-            }
-        }
-        peers.push(StoredPeer {
+        peers.push_back(StoredPeer {
             addr,
             announced: now,
         });
@@ -348,20 +346,21 @@ impl PeerStore {
 
     /// Up to `max` peers, the most recently announced first.
     fn get(&self, info_hash: &[u8; 20], max: usize) -> Vec<SocketAddr> {
-        let Some(peers) = self.torrents.get(info_hash) else {
-            return Vec::new();
-        };
-        let mut sorted: Vec<&StoredPeer> = peers.iter().collect();
-        sorted.sort_unstable_by_key(|p| std::cmp::Reverse(p.announced));
-        sorted.into_iter().take(max).map(|p| p.addr).collect()
+        self.torrents.get(info_hash).map_or_else(Vec::new, |peers| {
+            peers.iter().rev().take(max).map(|p| p.addr).collect()
+        })
     }
 
     fn expire(&mut self, now: Instant, ttl: Duration) {
         let mut removed = 0;
         self.torrents.retain(|_, peers| {
-            let before = peers.len();
-            peers.retain(|p| now.saturating_duration_since(p.announced) < ttl);
-            removed += before - peers.len();
+            while peers
+                .front()
+                .is_some_and(|p| now.saturating_duration_since(p.announced) >= ttl)
+            {
+                peers.pop_front();
+                removed += 1;
+            }
             !peers.is_empty()
         });
         self.peers -= removed;
@@ -407,6 +406,7 @@ pub struct Dht {
     store: PeerStore,
     secrets: TokenSecrets,
     rate: HashMap<IpAddr, RateWindow>,
+    rate_purge_after: Instant,
     next_maintenance: Instant,
     next_store_sweep: Instant,
     transmits: VecDeque<Transmit>,
@@ -439,6 +439,7 @@ impl Dht {
             store: PeerStore::default(),
             secrets,
             rate: HashMap::new(),
+            rate_purge_after: now,
             next_maintenance: now + MAINTENANCE_EVERY,
             next_store_sweep: now + STORE_SWEEP_EVERY,
             transmits: VecDeque::new(),
@@ -597,9 +598,12 @@ impl Dht {
             self.query_failed(pending, now);
             return;
         }
-        if response.id != self.id {
-            self.offer(response.id, from, Contact::Responded, now);
+        if response.id == self.id {
+            // Our own id from another address: a reflection or a liar, not a node to use.
+            self.query_failed(pending, now);
+            return;
         }
+        self.offer(response.id, from, Contact::Responded, now);
         if let Purpose::Lookup(lookup) = pending.purpose {
             self.lookup_answered(lookup, from, response, now);
         }
@@ -615,7 +619,10 @@ impl Dht {
 
     fn ping(&mut self, id: NodeId, addr: SocketAddr, now: Instant) {
         let query = Query::Ping { id: self.id };
-        self.send_query(addr, Some(id), query, Purpose::Ping, now);
+        if !self.send_query(addr, Some(id), query, Purpose::Ping, now) {
+            // Not sent (too many pending): the table may ask again later.
+            self.table.ping_not_sent(addr);
+        }
     }
 
     /// Sends a query unless the pending table is full.
@@ -1112,10 +1119,15 @@ impl Dht {
             return true;
         }
         if self.rate.len() >= MAX_RATE_TRACKED_IPS && !self.rate.contains_key(&ip) {
-            self.rate
-                .retain(|_, w| now.saturating_duration_since(w.start) < RATE_WINDOW);
+            // Full: forget the IPs whose window ended, at most every RATE_PURGE_EVERY (a flood
+            // of new source addresses must not cost a pass over the map each).
+            if now >= self.rate_purge_after {
+                self.rate_purge_after = now + RATE_PURGE_EVERY;
+                self.rate
+                    .retain(|_, w| now.saturating_duration_since(w.start) < RATE_WINDOW);
+            }
             if self.rate.len() >= MAX_RATE_TRACKED_IPS {
-                // Every tracked IP is busy this second: refuse newcomers until the window ends.
+                // Every tracked IP is busy this second: refuse newcomers for now.
                 return false;
             }
         }
@@ -1793,6 +1805,37 @@ mod tests {
         assert!(p.query("10.0.0.1:1", ping.clone()).is_none());
         p.now += Duration::from_millis(1);
         assert!(p.query("10.0.0.1:1", ping).is_some(), "a new second");
+    }
+
+    #[test]
+    fn a_flood_from_many_addresses_keeps_the_rate_map_bounded() {
+        let mut p = Probe::new(DhtConfig {
+            rate_limit: 5,
+            ..test_cfg()
+        });
+        let ping = Message {
+            tid: b"tt".to_vec(),
+            version: None,
+            read_only: true,
+            body: Body::Query(Query::Ping {
+                id: NodeId([1; 20]),
+            }),
+        }
+        .encode();
+        let from = |i: usize| SocketAddr::from(([10, 5, (i >> 8) as u8, i as u8], 1));
+        for i in 0..MAX_RATE_TRACKED_IPS + 1000 {
+            p.dht.handle(from(i), &ping, p.now);
+        }
+        let answered = std::iter::from_fn(|| p.dht.poll_transmit()).count();
+        assert_eq!(answered, MAX_RATE_TRACKED_IPS);
+        assert_eq!(p.dht.counters().rate_limited, 1000);
+        p.dht.check_invariants();
+        // A second later the old windows are forgotten and newcomers are served again.
+        p.now += Duration::from_secs(1);
+        p.dht
+            .handle(from(MAX_RATE_TRACKED_IPS + 5000), &ping, p.now);
+        assert!(p.dht.poll_transmit().is_some());
+        p.dht.check_invariants();
     }
 
     #[test]
