@@ -67,6 +67,12 @@ const PINGS_PER_MAINTENANCE: usize = 4;
 const LOOKUP_SLOTS_KEPT_FREE: usize = MAX_LOOKUPS / 2;
 /// The rate limiter's window.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A full rate-limit map is purged of ended windows at most this often.
+const RATE_PURGE_EVERY: Duration = Duration::from_millis(100);
+/// A lookup query unanswered this long stops counting against alpha (it may still answer until
+/// `query_timeout`), so one departed node does not stall a lookup for the whole timeout
+/// (libtorrent's "short timeout").
+pub const SLOW_QUERY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct DhtConfig {
@@ -178,6 +184,8 @@ struct Pending {
     /// The id we expect to answer (unknown for bootstrap contacts).
     node: Option<NodeId>,
     deadline: Instant,
+    /// When a lookup query turns slow (lookup queries only).
+    slow_at: Option<Instant>,
     purpose: Purpose,
 }
 
@@ -202,6 +210,8 @@ struct Candidate {
     state: CandidateState,
     /// Referrals from a node we knew before the lookup (1) to this one.
     depth: u32,
+    /// In flight past `SLOW_QUERY_AFTER`: no longer counted in `Lookup::in_flight`.
+    slow: bool,
     token: Option<Vec<u8>>,
 }
 
@@ -219,6 +229,7 @@ struct Lookup {
     internal: bool,
     /// Sorted by `Candidate::key`.
     candidates: Vec<Candidate>,
+    /// Queries in flight that are not slow: at most alpha.
     in_flight: usize,
     queried: u32,
     answered: u32,
@@ -242,6 +253,7 @@ impl Lookup {
             addr,
             state: CandidateState::New,
             depth,
+            slow: false,
             token: None,
         };
         self.insert_sorted(candidate);
@@ -293,10 +305,12 @@ struct StoredPeer {
     announced: Instant,
 }
 
-/// Peers announced to us, per info-hash: bounded both ways, oldest evicted first.
+/// Peers announced to us, per info-hash: bounded both ways, oldest evicted first. Each torrent's
+/// peers are kept oldest announce first, so eviction, expiry and "most recent first" need no sort
+/// (the work an announce can cost us stays at one pass over the torrents).
 #[derive(Default)]
 struct PeerStore {
-    torrents: HashMap<[u8; 20], Vec<StoredPeer>>,
+    torrents: HashMap<[u8; 20], VecDeque<StoredPeer>>,
     peers: usize,
 }
 
@@ -310,26 +324,20 @@ impl PeerStore {
             let oldest = self
                 .torrents
                 .iter()
-                .min_by_key(|(_, peers)| peers.iter().map(|p| p.announced).max())
+                .min_by_key(|(_, peers)| peers.back().map(|p| p.announced))
                 .map(|(h, _)| *h);
-            if let Some(h) = oldest {
-                if let Some(gone) = self.torrents.remove(&h) {
-                    self.peers -= gone.len();
-                }
+            if let Some(gone) = oldest.and_then(|h| self.torrents.remove(&h)) {
+                self.peers -= gone.len();
             }
         }
         let peers = self.torrents.entry(info_hash).or_default();
-        if let Some(p) = peers.iter_mut().find(|p| p.addr == addr) {
-            p.announced = now;
-            return;
+        if let Some(i) = peers.iter().position(|p| p.addr == addr) {
+            peers.remove(i);
+            self.peers -= 1;
+        } else if peers.len() >= cfg.max_peers_per_torrent && peers.pop_front().is_some() {
+            self.peers -= 1;
         }
-        if peers.len() >= cfg.max_peers_per_torrent {
-            if let Some(oldest) = (0..peers.len()).min_by_key(|&i| peers[i].announced) {
-                peers.swap_remove(oldest);
-                self.peers -= 1;
-            }
-        }
-        peers.push(StoredPeer {
+        peers.push_back(StoredPeer {
             addr,
             announced: now,
         });
@@ -338,20 +346,21 @@ impl PeerStore {
 
     /// Up to `max` peers, the most recently announced first.
     fn get(&self, info_hash: &[u8; 20], max: usize) -> Vec<SocketAddr> {
-        let Some(peers) = self.torrents.get(info_hash) else {
-            return Vec::new();
-        };
-        let mut sorted: Vec<&StoredPeer> = peers.iter().collect();
-        sorted.sort_unstable_by_key(|p| std::cmp::Reverse(p.announced));
-        sorted.into_iter().take(max).map(|p| p.addr).collect()
+        self.torrents.get(info_hash).map_or_else(Vec::new, |peers| {
+            peers.iter().rev().take(max).map(|p| p.addr).collect()
+        })
     }
 
     fn expire(&mut self, now: Instant, ttl: Duration) {
         let mut removed = 0;
         self.torrents.retain(|_, peers| {
-            let before = peers.len();
-            peers.retain(|p| now.saturating_duration_since(p.announced) < ttl);
-            removed += before - peers.len();
+            while peers
+                .front()
+                .is_some_and(|p| now.saturating_duration_since(p.announced) >= ttl)
+            {
+                peers.pop_front();
+                removed += 1;
+            }
             !peers.is_empty()
         });
         self.peers -= removed;
@@ -390,11 +399,14 @@ pub struct Dht {
     pending: HashMap<u32, Pending>,
     /// (deadline, transaction id) of every pending query, earliest first.
     deadlines: BTreeSet<(Instant, u32)>,
+    /// (slow_at, transaction id) of pending lookup queries not yet slow, earliest first.
+    slow_marks: BTreeSet<(Instant, u32)>,
     lookups: HashMap<LookupId, Lookup>,
     next_lookup: u64,
     store: PeerStore,
     secrets: TokenSecrets,
     rate: HashMap<IpAddr, RateWindow>,
+    rate_purge_after: Instant,
     next_maintenance: Instant,
     next_store_sweep: Instant,
     transmits: VecDeque<Transmit>,
@@ -421,11 +433,13 @@ impl Dht {
             last_bootstrap: None,
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
+            slow_marks: BTreeSet::new(),
             lookups: HashMap::new(),
             next_lookup: 1,
             store: PeerStore::default(),
             secrets,
             rate: HashMap::new(),
+            rate_purge_after: now,
             next_maintenance: now + MAINTENANCE_EVERY,
             next_store_sweep: now + STORE_SWEEP_EVERY,
             transmits: VecDeque::new(),
@@ -568,7 +582,7 @@ impl Dht {
         let Some(pending) = self.pending.remove(&tid) else {
             return;
         };
-        self.deadlines.remove(&(pending.deadline, tid));
+        self.forget_timers(tid, &pending);
         let Some(response) = response else {
             // An error: the node is alive, but the query failed.
             if let Some(id) = pending.node {
@@ -584,9 +598,12 @@ impl Dht {
             self.query_failed(pending, now);
             return;
         }
-        if response.id != self.id {
-            self.offer(response.id, from, Contact::Responded, now);
+        if response.id == self.id {
+            // Our own id from another address: a reflection or a liar, not a node to use.
+            self.query_failed(pending, now);
+            return;
         }
+        self.offer(response.id, from, Contact::Responded, now);
         if let Purpose::Lookup(lookup) = pending.purpose {
             self.lookup_answered(lookup, from, response, now);
         }
@@ -602,7 +619,10 @@ impl Dht {
 
     fn ping(&mut self, id: NodeId, addr: SocketAddr, now: Instant) {
         let query = Query::Ping { id: self.id };
-        self.send_query(addr, Some(id), query, Purpose::Ping, now);
+        if !self.send_query(addr, Some(id), query, Purpose::Ping, now) {
+            // Not sent (too many pending): the table may ask again later.
+            self.table.ping_not_sent(addr);
+        }
     }
 
     /// Sends a query unless the pending table is full.
@@ -625,18 +645,33 @@ impl Dht {
             }
         };
         let deadline = now + self.cfg.query_timeout;
+        let slow_at = match purpose {
+            Purpose::Lookup(_) => Some(now + SLOW_QUERY_AFTER).filter(|&t| t < deadline),
+            Purpose::Ping | Purpose::Announce => None,
+        };
         self.pending.insert(
             tid,
             Pending {
                 to,
                 node,
                 deadline,
+                slow_at,
                 purpose,
             },
         );
         self.deadlines.insert((deadline, tid));
+        if let Some(t) = slow_at {
+            self.slow_marks.insert((t, tid));
+        }
         self.send(to, tid.to_be_bytes().to_vec(), Body::Query(query));
         true
+    }
+
+    fn forget_timers(&mut self, tid: u32, pending: &Pending) {
+        self.deadlines.remove(&(pending.deadline, tid));
+        if let Some(t) = pending.slow_at {
+            self.slow_marks.remove(&(t, tid));
+        }
     }
 
     fn send(&mut self, to: SocketAddr, tid: Vec<u8>, body: Body) {
@@ -678,8 +713,23 @@ impl Dht {
             }
             self.deadlines.pop_first();
             if let Some(pending) = self.pending.remove(&tid) {
+                self.forget_timers(tid, &pending);
                 self.counters.timeouts += 1;
                 self.query_failed(pending, now);
+            }
+        }
+        while let Some(&(slow_at, tid)) = self.slow_marks.first() {
+            if slow_at > now {
+                break;
+            }
+            self.slow_marks.pop_first();
+            if let Some(&Pending {
+                to,
+                purpose: Purpose::Lookup(lookup),
+                ..
+            }) = self.pending.get(&tid)
+            {
+                self.lookup_slow(lookup, to, now);
             }
         }
         if now >= self.next_store_sweep {
@@ -726,6 +776,9 @@ impl Dht {
             .min(rotation);
         if let Some(&(deadline, _)) = self.deadlines.first() {
             next = next.min(deadline);
+        }
+        if let Some(&(slow_at, _)) = self.slow_marks.first() {
+            next = next.min(slow_at);
         }
         Some(next)
     }
@@ -817,30 +870,38 @@ impl Dht {
         Some(id)
     }
 
-    /// Sends queries while fewer than alpha are in flight, to the closest not-yet-queried nodes
-    /// among the K closest that have not failed; finishes when those K have all answered.
+    /// Sends queries while fewer than alpha are in flight (slow ones not counted), to the closest
+    /// not-yet-queried nodes among the K closest that have not failed (slow ones not counted);
+    /// finishes when those K have all answered.
     fn advance_lookup(&mut self, id: LookupId, now: Instant) {
         loop {
             let Some(lookup) = self.lookups.get_mut(&id) else {
                 return;
             };
+            // The window: the K closest that have not failed, looking past slow ones (they may
+            // well have left, so the nodes behind them are worth asking meanwhile).
             let mut next = None;
             let mut unfinished = false;
-            for (i, c) in lookup
-                .candidates
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.state != CandidateState::Failed)
-                .take(K)
-            {
+            let mut room = K;
+            for (i, c) in lookup.candidates.iter().enumerate() {
+                if room == 0 {
+                    break;
+                }
                 match c.state {
+                    CandidateState::Failed => continue,
                     CandidateState::New => {
                         unfinished = true;
                         next = next.or(Some(i));
                     }
-                    CandidateState::InFlight => unfinished = true,
-                    _ => {}
+                    CandidateState::InFlight => {
+                        unfinished = true;
+                        if c.slow {
+                            continue;
+                        }
+                    }
+                    CandidateState::Answered => {}
                 }
+                room -= 1;
             }
             if !unfinished {
                 self.finish_lookup(id, now);
@@ -889,7 +950,9 @@ impl Dht {
         let Some(i) = lookup.in_flight_at(from) else {
             return;
         };
-        lookup.in_flight -= 1;
+        if !lookup.candidates[i].slow {
+            lookup.in_flight -= 1;
+        }
         lookup.answered += 1;
         let mut candidate = lookup.candidates.remove(i);
         candidate.state = CandidateState::Answered;
@@ -929,9 +992,26 @@ impl Dht {
         let Some(i) = lookup.in_flight_at(addr) else {
             return;
         };
-        lookup.in_flight -= 1;
+        if !lookup.candidates[i].slow {
+            lookup.in_flight -= 1;
+        }
         lookup.candidates[i].state = CandidateState::Failed;
         self.advance_lookup(id, now);
+    }
+
+    /// A lookup query is slow: it frees its slot for another (it may still answer).
+    fn lookup_slow(&mut self, id: LookupId, addr: SocketAddr, now: Instant) {
+        let Some(lookup) = self.lookups.get_mut(&id) else {
+            return;
+        };
+        let Some(i) = lookup.in_flight_at(addr) else {
+            return;
+        };
+        if !lookup.candidates[i].slow {
+            lookup.candidates[i].slow = true;
+            lookup.in_flight -= 1;
+            self.advance_lookup(id, now);
+        }
     }
 
     fn finish_lookup(&mut self, id: LookupId, now: Instant) {
@@ -1039,10 +1119,15 @@ impl Dht {
             return true;
         }
         if self.rate.len() >= MAX_RATE_TRACKED_IPS && !self.rate.contains_key(&ip) {
-            self.rate
-                .retain(|_, w| now.saturating_duration_since(w.start) < RATE_WINDOW);
+            // Full: forget the IPs whose window ended, at most every RATE_PURGE_EVERY (a flood
+            // of new source addresses must not cost a pass over the map each).
+            if now >= self.rate_purge_after {
+                self.rate_purge_after = now + RATE_PURGE_EVERY;
+                self.rate
+                    .retain(|_, w| now.saturating_duration_since(w.start) < RATE_WINDOW);
+            }
             if self.rate.len() >= MAX_RATE_TRACKED_IPS {
-                // Every tracked IP is busy this second: refuse newcomers until the window ends.
+                // Every tracked IP is busy this second: refuse newcomers for now.
                 return false;
             }
         }
@@ -1069,6 +1154,12 @@ impl Dht {
         for (deadline, tid) in &self.deadlines {
             assert_eq!(self.pending.get(tid).map(|p| p.deadline), Some(*deadline));
         }
+        for (slow_at, tid) in &self.slow_marks {
+            assert_eq!(
+                self.pending.get(tid).and_then(|p| p.slow_at),
+                Some(*slow_at)
+            );
+        }
         assert!(self.lookups.len() <= MAX_LOOKUPS);
         for lookup in self.lookups.values() {
             assert!(lookup.candidates.len() <= MAX_LOOKUP_CANDIDATES + 1);
@@ -1081,7 +1172,7 @@ impl Dht {
             let in_flight = lookup
                 .candidates
                 .iter()
-                .filter(|c| c.state == CandidateState::InFlight)
+                .filter(|c| c.state == CandidateState::InFlight && !c.slow)
                 .count();
             assert_eq!(in_flight, lookup.in_flight);
             assert!(lookup.peers_seen.len() <= MAX_PEERS_PER_LOOKUP);
@@ -1139,6 +1230,8 @@ pub mod sim {
         pub alive: bool,
         /// Events polled from the node, oldest first.
         pub events: Vec<DhtEvent>,
+        /// When each of `events` came out (parallel to it).
+        pub event_times: Vec<Instant>,
         /// The earliest timer queued for it, if any.
         timer: Option<Instant>,
     }
@@ -1199,6 +1292,7 @@ pub mod sim {
                 addr,
                 alive: true,
                 events: Vec::new(),
+                event_times: Vec::new(),
                 timer: None,
             });
             self.by_addr.insert(addr, i);
@@ -1239,6 +1333,7 @@ pub mod sim {
             let node = &mut self.nodes[i];
             while let Some(e) = node.dht.poll_event() {
                 node.events.push(e);
+                node.event_times.push(self.now);
             }
             if let Some(t) = node.dht.next_timeout() {
                 if node.timer.is_none_or(|s| t < s) {
@@ -1713,6 +1808,37 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_from_many_addresses_keeps_the_rate_map_bounded() {
+        let mut p = Probe::new(DhtConfig {
+            rate_limit: 5,
+            ..test_cfg()
+        });
+        let ping = Message {
+            tid: b"tt".to_vec(),
+            version: None,
+            read_only: true,
+            body: Body::Query(Query::Ping {
+                id: NodeId([1; 20]),
+            }),
+        }
+        .encode();
+        let from = |i: usize| SocketAddr::from(([10, 5, (i >> 8) as u8, i as u8], 1));
+        for i in 0..MAX_RATE_TRACKED_IPS + 1000 {
+            p.dht.handle(from(i), &ping, p.now);
+        }
+        let answered = std::iter::from_fn(|| p.dht.poll_transmit()).count();
+        assert_eq!(answered, MAX_RATE_TRACKED_IPS);
+        assert_eq!(p.dht.counters().rate_limited, 1000);
+        p.dht.check_invariants();
+        // A second later the old windows are forgotten and newcomers are served again.
+        p.now += Duration::from_secs(1);
+        p.dht
+            .handle(from(MAX_RATE_TRACKED_IPS + 5000), &ping, p.now);
+        assert!(p.dht.poll_transmit().is_some());
+        p.dht.check_invariants();
+    }
+
+    #[test]
     fn the_peer_store_is_bounded_and_expires() {
         let cfg = DhtConfig {
             max_torrents: 3,
@@ -1838,6 +1964,48 @@ mod tests {
             }
         }
         assert_eq!(retries, 2, "one retry per 30 s");
+    }
+
+    #[test]
+    fn a_silent_node_frees_its_lookup_slot_after_a_second_but_may_still_answer() {
+        let mut p = Probe::new(test_cfg());
+        let contacts: Vec<SocketAddr> = (1..=5)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 1)))
+            .collect();
+        let lookup = p.dht.find_node(NodeId([1; 20]), p.now);
+        assert!(
+            p.dht.poll_transmit().is_none(),
+            "no nodes, no contacts: nothing to ask"
+        );
+        assert!(
+            matches!(p.dht.poll_event(), Some(DhtEvent::LookupDone { lookup: l, .. }) if l == lookup)
+        );
+        p.dht.bootstrap(&contacts, p.now);
+        let first: Vec<Transmit> = std::iter::from_fn(|| p.dht.poll_transmit()).collect();
+        assert_eq!(first.len(), 3, "alpha in flight");
+        assert_eq!(p.dht.next_timeout(), Some(p.now + SLOW_QUERY_AFTER));
+        p.advance(SLOW_QUERY_AFTER);
+        let second: Vec<Transmit> = std::iter::from_fn(|| p.dht.poll_transmit()).collect();
+        assert_eq!(second.len(), 2, "the slow ones no longer hold their slots");
+        p.dht.check_invariants();
+        // A slow node that answers late still counts.
+        let tid = krpc::decode(&first[0].bytes).unwrap().tid;
+        let answer = Message {
+            tid,
+            version: None,
+            read_only: false,
+            body: Body::Response(Response {
+                nodes: Some(vec![]),
+                ..Response::id_only(NodeId([3; 20]))
+            }),
+        };
+        p.now += Duration::from_secs(2);
+        p.dht.handle(first[0].to, &answer.encode(), p.now);
+        assert_eq!(p.dht.stats().nodes, 1);
+        p.dht.check_invariants();
+        p.advance(Duration::from_secs(5));
+        assert_eq!(p.dht.stats().lookups_running, 0);
+        p.dht.check_invariants();
     }
 
     #[test]

@@ -454,6 +454,14 @@ impl RoutingTable {
         ping
     }
 
+    /// The ping a `Heard::ping` or `questionable_to_ping` asked for was not sent: the node may be
+    /// asked about again.
+    pub fn ping_not_sent(&mut self, addr: SocketAddr) {
+        if let Some((b, i)) = self.find_by_addr(&addr) {
+            self.buckets[b].nodes[i].pinging = false;
+        }
+    }
+
     /// The `n` nodes closest to `target` that have answered us and are not bad, closest first.
     pub fn closest(&self, target: &NodeId, n: usize) -> Vec<(NodeId, SocketAddr)> {
         let mut found: Vec<&Node> = self
