@@ -43,6 +43,8 @@ if [ -z "${SWARMFS:-}" ]; then
     cargo build --release --quiet --bin swarmfs
     SWARMFS=${CARGO_TARGET_DIR:-target}/release/swarmfs
 fi
+. scripts/netns.sh
+in_loopback_netns "$0" "$@" || echo "bench-engine: not root: running without network isolation"
 # A private copy: a shared target directory may be rebuilt by someone else during the run.
 cp "$SWARMFS" "$work/swarmfs"
 SWARMFS=$work/swarmfs
@@ -171,7 +173,7 @@ bench_download() { # SEEDER_LABEL SEEDER_ADDR CLIENT
     mkdir -p "$dl"
     cat "$work/src/$name" >/dev/null # keep the source in the page cache
     case $client in
-    swarmfs) cmd=("$SWARMFS" download "$work/t.torrent" -d "$dl" --listen 127.0.0.1:0 --peer "$addr") ;;
+    swarmfs) cmd=("$SWARMFS" download "$work/t.torrent" -d "$dl" --listen 127.0.0.1:0 --no-dht --peer "$addr") ;;
     aria2c)
         port=$(free_port)
         cmd=(aria2c --enable-dht=false --enable-dht6=false --bt-enable-lpd=false
@@ -217,7 +219,7 @@ bench_download() { # SEEDER_LABEL SEEDER_ADDR CLIENT
 }
 
 # Phase 1: swarmfs seeds.
-"$SWARMFS" seed "$work/t.torrent" -d "$work/src" --listen 127.0.0.1:0 >"$work/seed.out" 2>"$work/seed.err" &
+"$SWARMFS" seed "$work/t.torrent" -d "$work/src" --listen 127.0.0.1:0 --no-dht >"$work/seed.out" 2>"$work/seed.err" &
 seeder=$!
 pids+=($seeder)
 wait_for "$work/seed.out" '^seeding' 120

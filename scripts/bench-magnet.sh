@@ -2,8 +2,9 @@
 # Benchmark of magnet links on 127.0.0.1: `swarmfs mount MAGNET MNT` from command start until the
 # files are visible (the command returns only then), median of 5, against a local seeder that is
 # the magnet's only peer (x.pe): a swarmfs seeder and a python3-libtorrent seeder. Prints
-# figures; asserts nothing. As root it runs inside a private network namespace with only
-# loopback; our own mount runs with --no-dht. (btfs is not measured: given the same magnet, with
+# figures; asserts nothing. Then the DHT as the only source: a bare magnet, a seeder that
+# announced through a local `swarmfs dht` node. As root it runs inside a private network
+# namespace with only loopback; our mounts run with --no-dht or that loopback bootstrap node. (btfs is not measured: given the same magnet, with
 # x.pe or with a loopback tracker, it showed no files within 20 s in that namespace.)
 #
 #   scripts/bench-magnet.sh          # builds the release binary first
@@ -97,6 +98,20 @@ magnet="magnet:?xt=urn:btih:$hash&dn=set&x.pe=$addr"
 
 echo "bench-magnet: magnet mount, command start -> files visible, $RUNS runs each (64 MiB torrent)"
 run_series "swarmfs mount <- swarmfs seeder" "$SWARMFS" mount "$magnet" "$mnt" --no-dht --listen 127.0.0.1:0 --log-file "$work/mount.log"
+
+# The DHT as the only source: a bare magnet (no x.pe, no tracker); a swarmfs seeder announced
+# through a local bootstrap node, which every mount (a fresh DHT node) joins through.
+"$SWARMFS" dht --listen 127.0.0.2:0 --dht-rate-limit 0 >"$work/dht.out" 2>"$work/dht.err" &
+pids+=($!)
+wait_for "$work/dht.out" '^dht node listening' 30
+boot=$(grep -o 'listening on [^ ]*' "$work/dht.out" | head -1 | cut -d' ' -f3)
+"$SWARMFS" seed "$work/t.torrent" -d "$work/src" --listen 127.0.0.3:0 --dht-bootstrap "$boot" \
+    --dht-announce-interval 1 >"$work/seed-dht.out" 2>"$work/seed-dht.err" &
+pids+=($!)
+wait_for "$work/seed-dht.out" '^seeding' 60
+sleep 2 # a few announces
+run_series "swarmfs mount <- DHT only" "$SWARMFS" mount "magnet:?xt=urn:btih:$hash&dn=set" "$mnt" \
+    --listen 127.0.0.4:0 --dht-bootstrap "$boot" --log-file "$work/mount-dht.log"
 
 if "$LT_PYTHON" -c 'import libtorrent' 2>/dev/null; then
     "$LT_PYTHON" "$repo/tests/fixtures/lt_client.py" seed "$work/t.torrent" "$work/src" >"$work/lt.out" 2>&1 &

@@ -54,6 +54,8 @@ if [ -z "${SWARMFS:-}" ]; then
     cargo build --release --quiet --bin swarmfs
     SWARMFS=${CARGO_TARGET_DIR:-target}/release/swarmfs
 fi
+. scripts/netns.sh
+in_loopback_netns "$0" "$@" || echo "bench-mount: not root: running without network isolation"
 # A private copy: a shared target directory may be rebuilt by someone else during the run.
 cp "$SWARMFS" "$work/swarmfs"
 SWARMFS=$work/swarmfs
@@ -91,7 +93,7 @@ head -c "$size" /dev/urandom >"$work/src/$name"
 mounts=0
 mount_cmd() { # [EXTRA ARGS...]: sets mcmd to the command line of a fresh mount on $mnt from $addr
     mounts=$((mounts + 1))
-    mcmd=("$SWARMFS" mount "$work/t.torrent" "$mnt" --listen 127.0.0.1:0 --peer "$addr"
+    mcmd=("$SWARMFS" mount "$work/t.torrent" "$mnt" --listen 127.0.0.1:0 --no-dht --peer "$addr"
         --log-file "$work/mount-$mounts.log" "$@")
 }
 find_mount_pid() {
@@ -128,7 +130,7 @@ seq_read() { # SEEDER_LABEL: cat through a fresh mount vs swarmfs download, same
     mkdir -p "$work/dl"
     cat "$work/src/$name" >/dev/null
     t_dl=$(probe time "$work/dl.out" "$work/dl.err" -- \
-        "$SWARMFS" download "$work/t.torrent" -d "$work/dl" --listen 127.0.0.1:0 --peer "$addr")
+        "$SWARMFS" download "$work/t.torrent" -d "$work/dl" --listen 127.0.0.1:0 --no-dht --peer "$addr")
     cmp -s "$work/src/$name" "$work/dl/$name" || echo "bench-mount: swarmfs download from $label: data differs"
     rm -rf "$work/dl"
     seq_rows+=("$label|$(mib_per_s "$t_cat")|$(mib_per_s "$t_dl")|$(awk -v a="$t_cat" -v b="$t_dl" 'BEGIN { printf "%.0f%%", (a > 0) ? 100 * b / a : 0 }')|$(awk -v t="$t_mount" 'BEGIN { printf "%.0f", t * 1000 }')")
@@ -136,7 +138,7 @@ seq_read() { # SEEDER_LABEL: cat through a fresh mount vs swarmfs download, same
 seq_rows=()
 
 # swarmfs seeds.
-"$SWARMFS" seed "$work/t.torrent" -d "$work/src" --listen 127.0.0.1:0 >"$work/seed.out" 2>"$work/seed.err" &
+"$SWARMFS" seed "$work/t.torrent" -d "$work/src" --listen 127.0.0.1:0 --no-dht >"$work/seed.out" 2>"$work/seed.err" &
 seeder=$!
 pids+=($seeder)
 wait_for "$work/seed.out" '^seeding' 120

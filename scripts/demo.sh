@@ -43,13 +43,13 @@ announce=$(grep -o 'http://[^ ]*' "$work/tracker.out" | head -1)
 echo "demo: tracker at $announce"
 
 "$SWARMFS" create "$work/seed/dataset" -o "$work/dataset.torrent" --tracker "$announce" >/dev/null
-"$SWARMFS" seed "$work/dataset.torrent" -d "$work/seed" --listen 127.0.0.1:0 > "$work/seed.out" 2>"$work/seed.log" &
+"$SWARMFS" seed "$work/dataset.torrent" -d "$work/seed" --listen 127.0.0.1:0 --no-dht > "$work/seed.out" 2>"$work/seed.log" &
 pids+=($!)
 for _ in $(seq 300); do grep -q "^seeding" "$work/seed.out" 2>/dev/null && break; sleep 0.1; done
 echo "demo: $(grep '^seeding' "$work/seed.out")"
 
 echo "demo: swarmfs mount dataset.torrent $work/mnt"
-"$SWARMFS" mount "$work/dataset.torrent" "$work/mnt" --listen 127.0.0.1:0 --log-file "$work/mount.log"
+"$SWARMFS" mount "$work/dataset.torrent" "$work/mnt" --listen 127.0.0.1:0 --no-dht --log-file "$work/mount.log"
 echo "demo: the tree:"
 (cd "$work/mnt" && find . | sort | sed 's/^/    /')
 

@@ -36,17 +36,24 @@ echo "test.sh: building"
 cargo build --quiet --all-targets
 cargo test --no-run --quiet 2>/dev/null || cargo test --no-run
 
-run_suite() { cargo test --offline -- --test-threads=2 "$@"; }
+# No test may read or write the DHT routing table of real use (~/.local/state/swarmfs).
+XDG_STATE_HOME=$(mktemp -d)
+export XDG_STATE_HOME
+# Every test has its own watchdogs; this bound turns anything they miss into a failure that
+# prints what ran, instead of a silent CI time-out (the suite takes ~10 minutes here).
+SUITE_BOUND=${SUITE_BOUND:-45m}
+run_suite() { timeout --kill-after=60 "$SUITE_BOUND" cargo test --offline -- --test-threads=2 "$@"; }
 
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   # A private network namespace with only loopback (the same few lines as shared/tools/netns-run).
   ns="swarmfs-test-$$"
   ip netns add "$ns"
-  trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
+  trap 'ip netns del "$ns" 2>/dev/null || true; rm -rf "$XDG_STATE_HOME"' EXIT
   ip netns exec "$ns" ip link set lo up
   echo "test.sh: running the suite in network namespace $ns (loopback only)"
-  ip netns exec "$ns" bash -c "$(declare -f run_suite); run_suite $*"
+  ip netns exec "$ns" env SUITE_BOUND="$SUITE_BOUND" bash -c "$(declare -f run_suite); run_suite $*"
 else
   echo "test.sh: not root: running the suite without network isolation"
+  trap 'rm -rf "$XDG_STATE_HOME"' EXIT
   run_suite "$@"
 fi

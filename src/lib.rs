@@ -4,14 +4,18 @@
 //! / `main.rs`.
 //! - `core`: pure logic (metainfo, geometry and file layout, wire codec, the per-peer protocol
 //!   state machine `peer_proto`, picker, choker, cache, the `metadata` (BEP 9) and `pex`
-//!   (BEP 11) extensions, HTTP and UDP tracker messages); no I/O, no clock (time is a parameter).
+//!   (BEP 11) extensions, HTTP and UDP tracker messages, the mainline DHT: `krpc` messages,
+//!   `routing` k-buckets and `dht`, the node as a state machine); no I/O, no clock (time is a
+//!   parameter).
 //! - `net`: sockets over the core codecs (peer connections over any byte stream, HTTP and UDP
-//!   tracker clients, the built-in tracker).
+//!   tracker clients, the built-in tracker, the DHT node's UDP socket task `dht`).
 //! - `disk`: piece reads and writes under `--data-dir` on blocking threads, one handle per file.
 //! - `engine`: the tokio tasks that run torrents. `state` holds a torrent's shared state behind
 //!   named transitions (its invariant: a piece is held iff cached or on disk); `peer` is a thin
 //!   loop around `core::peer_proto`; `metadata` fetches a magnet's info dictionary before its
-//!   torrent starts; `tasks` owns every task, so shutdown waits for them all.
+//!   torrent starts; `tasks` owns every task, so shutdown waits for them all. The session owns
+//!   the DHT node (one per process, UDP on the listen address); every non-private torrent looks
+//!   its peers up and announces itself there (`ticker`).
 //! - `fuse`: the filesystem, translating kernel requests into engine reads.
 //! - `cli`: one module per subcommand: argument structs (clap) and `run`.
 pub mod cli;

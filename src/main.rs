@@ -29,6 +29,9 @@ enum Command {
     Download(cli::download::Args),
     /// Run a small HTTP and UDP tracker on one port (for local swarms, demos and tests).
     Tracker(cli::tracker::Args),
+    /// Run a standalone DHT node: the first node of a private swarm, a bootstrap node for tests
+    /// (without --dht-bootstrap it joins nothing and waits for others to join through it).
+    Dht(cli::dht::Args),
 }
 
 fn main() {
@@ -55,6 +58,7 @@ fn main() {
         Command::Seed(a) => cli::seed::run(a),
         Command::Download(a) => cli::download::run(a),
         Command::Tracker(a) => cli::tracker::run(a),
+        Command::Dht(a) => cli::dht::run(a),
     };
     if let Err(e) = result {
         eprintln!("swarmfs: {e:#}");

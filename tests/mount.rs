@@ -351,7 +351,7 @@ fn background_mount_is_live_when_the_command_returns() {
         .arg("mount")
         .arg(&s.torrent)
         .arg(&mnt)
-        .args(["--listen", "127.0.0.1:0", "--peer", &s.peer])
+        .args(["--listen", "127.0.0.1:0", "--no-dht", "--peer", &s.peer])
         .arg("--log-file")
         .arg(s.tmp.path().join("bg.log"))
         .output()
@@ -405,6 +405,7 @@ fn bad_input_gives_one_clear_line_and_no_mount() {
         let out = Command::new(bin())
             .arg("mount")
             .args(&args)
+            .arg("--no-dht")
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -433,6 +434,7 @@ fn a_dead_mountpoint_gets_a_message_naming_fusermount() {
         .arg("mount")
         .arg(&t)
         .arg(&mnt)
+        .arg("--no-dht")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -459,7 +461,13 @@ fn a_second_mount_of_the_same_data_dir_is_refused() {
         .arg("mount")
         .arg(&s.torrent)
         .arg(&mnt2)
-        .args(["-d", data_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "-d",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-dht",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

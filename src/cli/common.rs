@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 
 use crate::cli::size_arg;
+use crate::core::dht::DhtConfig;
 use crate::core::magnet::Magnet;
 use crate::core::metadata;
 use crate::core::metainfo::{Metainfo, MetainfoError};
@@ -18,6 +19,7 @@ use crate::engine::metadata::FetchProgress;
 use crate::engine::session::{Session, SessionConfig};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::engine::PeerSource;
+use crate::net::dht::DhtSettings;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SwarmArgs {
@@ -44,9 +46,91 @@ pub struct SwarmArgs {
     /// its handshake.
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub max_incoming: usize,
-    /// Do not use the DHT (swarmfs has no DHT yet, so this is the behaviour either way).
+    /// Do not use the DHT (mainline, BEP 5) to find peers or to be found.
     #[arg(long)]
     pub no_dht: bool,
+    /// Ask the DHT for peers and announce us this often, in seconds (every 10 s instead while
+    /// no DHT node answers).
+    #[arg(long, value_name = "SECONDS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub dht_announce_interval: u64,
+    #[command(flatten)]
+    pub dht: DhtArgs,
+}
+
+/// The public routers a DHT node joins through when no `--dht-bootstrap` is given.
+pub const DEFAULT_DHT_BOOTSTRAP: [&str; 3] = [
+    "router.bittorrent.com:6881",
+    "dht.transmissionbt.com:6881",
+    "router.utorrent.com:6881",
+];
+
+/// How our DHT node joins and behaves (shared by the swarm commands and `swarmfs dht`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DhtArgs {
+    /// Join the DHT through this node (HOST:PORT, repeatable). Default: the public routers
+    /// (router.bittorrent.com, dht.transmissionbt.com, router.utorrent.com), plus the nodes
+    /// saved by the last run.
+    #[arg(long = "dht-bootstrap", value_name = "HOST:PORT")]
+    pub bootstrap: Vec<String>,
+    /// Where the DHT routing table is kept between runs. Default:
+    /// $XDG_STATE_HOME/swarmfs/dht.dat (~/.local/state/...); with --dht-bootstrap, none unless
+    /// named here.
+    #[arg(long = "dht-state", value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Queries per second we answer from one IP address; more are dropped (0: no limit).
+    #[arg(long = "dht-rate-limit", value_name = "N", default_value_t = 20)]
+    pub rate_limit: u32,
+    /// Seconds a DHT query may go unanswered before its node counts as failing it.
+    #[arg(long = "dht-query-timeout", value_name = "SECONDS", default_value_t = 5.0,
+          value_parser = positive_seconds)]
+    pub query_timeout: f64,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 3600.0 => Ok(s),
+        _ => Err(format!("expected seconds between 0 and 3600, got {text:?}")),
+    }
+}
+
+impl DhtArgs {
+    /// The node's settings: bootstrap contacts, state file, limits.
+    pub fn settings(&self) -> DhtSettings {
+        let custom = !self.bootstrap.is_empty();
+        let bootstrap = if custom {
+            self.bootstrap.clone()
+        } else {
+            DEFAULT_DHT_BOOTSTRAP
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let state_file = match &self.state {
+            Some(path) => Some(path.clone()),
+            // A private or test DHT must not mix with the table of real use.
+            None if custom => None,
+            None => default_dht_state_file(),
+        };
+        DhtSettings {
+            config: DhtConfig {
+                rate_limit: self.rate_limit,
+                query_timeout: Duration::from_secs_f64(self.query_timeout),
+                ..DhtConfig::default()
+            },
+            bootstrap,
+            state_file,
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/swarmfs/dht.dat`, or `~/.local/state/swarmfs/dht.dat`.
+fn default_dht_state_file() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))?;
+    Some(state.join("swarmfs").join("dht.dat"))
 }
 
 impl SwarmArgs {
@@ -67,6 +151,7 @@ impl SwarmArgs {
     pub fn session_config(&self) -> SessionConfig {
         SessionConfig {
             max_incoming: self.max_incoming.max(1),
+            dht: (!self.no_dht).then(|| self.dht.settings()),
         }
     }
 
@@ -76,6 +161,7 @@ impl SwarmArgs {
         cfg.upload_rate = self.upload_rate;
         cfg.download_rate = self.download_rate;
         cfg.max_peers = self.max_peers.max(1);
+        cfg.dht_announce_interval = Duration::from_secs(self.dht_announce_interval);
         Ok(())
     }
 }
@@ -203,10 +289,15 @@ pub async fn resolve(
     };
     let Some(fetched) = fetched else {
         let p = *progress_rx.borrow();
-        let hint = if p.peers_found == 0 {
-            " (no peers found: add a tracker, --peer HOST:PORT, or x.pe= to the link)"
-        } else {
-            ""
+        let hint = match (p.peers_found, session.dht()) {
+            (0, Some(dht)) => format!(
+                " (no peers found: the DHT ({} nodes) knows none; add a tracker, --peer HOST:PORT, or x.pe= to the link)",
+                dht.stats().nodes
+            ),
+            (0, None) => {
+                " (no peers found: add a tracker, --peer HOST:PORT, or x.pe= to the link)".to_string()
+            }
+            _ => String::new(),
         };
         bail!(
             "no metadata for {} after {} s: {} peers found, {} connected, {} offered the metadata{hint}",
@@ -316,8 +407,12 @@ pub fn spawn_status_line(t: Arc<Torrent>) {
             } else {
                 "ETA -".to_string()
             };
+            let dht = s
+                .dht_nodes
+                .map(|n| format!("  dht {n} nodes"))
+                .unwrap_or_default();
             bar.set_message(format!(
-                "{}  down {}/s  up {}/s  peers {} ({} seeds; {})  pieces {}/{}  {}",
+                "{}  down {}/s  up {}/s  peers {} ({} seeds; {}){dht}  pieces {}/{}  {}",
                 t.name(),
                 format_size(s.down_rate as u64),
                 format_size(s.up_rate as u64),
@@ -413,6 +508,11 @@ pub fn print_peer_sources(t: &Torrent) {
         "pex messages: {} sent, {} received",
         s.pex_sent, s.pex_received
     );
+    match s.dht_nodes {
+        _ if t.meta.info.private => println!("dht: not used (private torrent)"),
+        Some(n) => println!("dht: {n} nodes"),
+        None => println!("dht: off"),
+    }
 }
 
 /// Prints where we listen (tests and scripts read this line) and flushes.

@@ -1,6 +1,7 @@
 //! Subcommands. Each module holds its clap `Args` and `run(args) -> anyhow::Result<()>`.
 pub mod common;
 pub mod create;
+pub mod dht;
 pub mod download;
 pub mod info;
 pub mod mount;

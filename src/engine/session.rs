@@ -24,6 +24,7 @@ use crate::engine::metadata::{self, FetchConfig, FetchProgress, Fetched};
 use crate::engine::tasks::{Failure, TaskGroup};
 use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::engine::PeerSource;
+use crate::net::dht::{DhtHandle, DhtNode, DhtSettings, LookupUpdate};
 use crate::net::peer;
 use crate::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup};
 
@@ -35,16 +36,24 @@ pub const MAX_HANDSHAKES: usize = 32;
 const METADATA_LEFT: u64 = 16 * 1024;
 /// How long shutdown waits for the listener and handshakes.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
+/// While a magnet's metadata is missing, the DHT is asked again this often (nodes that know the
+/// torrent may join later, and a fresh node's table fills up as it goes).
+const METADATA_DHT_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Incoming peer connections alive at once, across all torrents (`--max-incoming`).
     pub max_incoming: usize,
+    /// Run a DHT node on the listen address (UDP, same port); `None` is `--no-dht`.
+    pub dht: Option<DhtSettings>,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { max_incoming: 200 }
+        SessionConfig {
+            max_incoming: 200,
+            dht: None,
+        }
     }
 }
 
@@ -55,6 +64,7 @@ pub struct Session {
     pub listen_addr: SocketAddr,
     torrents: Routes,
     tasks: Arc<TaskGroup>,
+    dht: Option<DhtHandle>,
 }
 
 /// An Azureus-style peer id: `-SF0100-` and 12 random bytes.
@@ -117,12 +127,21 @@ impl Session {
             #[allow(unreachable_code)]
             Ok::<(), std::convert::Infallible>(())
         });
+        let dht = cfg
+            .dht
+            .and_then(|settings| start_dht(listen_addr, settings));
         Ok(Session {
             peer_id: new_peer_id(),
             listen_addr,
             torrents,
             tasks,
+            dht,
         })
+    }
+
+    /// The session's DHT node, unless `--no-dht` (or its socket could not be had).
+    pub fn dht(&self) -> Option<&DhtHandle> {
+        self.dht.as_ref()
     }
 
     /// Adds a torrent (verifying its data dir first, on the blocking pool) and starts it.
@@ -140,7 +159,7 @@ impl Session {
         })
         .await??;
         lock(&self.torrents).insert(t.info_hash.0, t.clone());
-        t.start();
+        t.start(self.dht.clone());
         Ok(t)
     }
 
@@ -188,6 +207,18 @@ impl Session {
                 peers_tx: tracker_tx,
             })
         });
+        if let Some(dht) = self.dht.clone() {
+            let forward = peers_tx.clone();
+            // Ends with the fetch (the receiver is dropped) or at shutdown.
+            self.tasks.spawn(
+                "metadata-dht",
+                crate::engine::tasks::Failure::Routine,
+                async move {
+                    dht_peers_until_closed(dht, info_hash.0, forward).await;
+                    Ok::<(), std::convert::Infallible>(())
+                },
+            );
+        }
         drop(peers_tx);
         let cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());
         metadata::fetch(cfg, peers_rx, progress_tx, self.tasks.token().child_token()).await
@@ -201,6 +232,59 @@ impl Session {
             t.shutdown().await;
         }
         self.tasks.shutdown(SHUTDOWN_BOUND).await;
+        if let Some(dht) = &self.dht {
+            // Bounded: the node only has to write its table.
+            let _ = tokio::time::timeout(SHUTDOWN_BOUND, dht.shutdown()).await;
+        }
+    }
+}
+
+/// Binds the DHT's UDP socket on the TCP listener's address and port and starts the node; on
+/// failure the session runs without a DHT (said once, at warn).
+fn start_dht(listen_addr: SocketAddr, settings: DhtSettings) -> Option<DhtHandle> {
+    let started = std::net::UdpSocket::bind(listen_addr)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UdpSocket::from_std(s)
+        })
+        .and_then(|socket| DhtNode::start(socket, settings));
+    match started {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            log::warn!("DHT off: cannot use UDP {listen_addr}: {e}");
+            None
+        }
+    }
+}
+
+/// Feeds the peers DHT lookups find for `info_hash` to `peers_tx` (without announcing us),
+/// looking up again every few seconds, until `peers_tx`'s receiver is gone.
+async fn dht_peers_until_closed(
+    dht: DhtHandle,
+    info_hash: [u8; 20],
+    peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
+) {
+    loop {
+        let mut lookup = dht.get_peers(info_hash, None);
+        loop {
+            tokio::select! {
+                update = lookup.recv() => match update {
+                    Some(LookupUpdate::Peers(peers)) => {
+                        for p in peers {
+                            if peers_tx.send((p, PeerSource::Dht)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(LookupUpdate::Done(_)) | None => break,
+                },
+                _ = peers_tx.closed() => return,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(METADATA_DHT_RETRY) => {}
+            _ = peers_tx.closed() => return,
+        }
     }
 }
 

@@ -77,7 +77,7 @@ fn torrent(fx: &Fixture, seed_from_disk: bool, cfg: TorrentConfig) -> Arc<Torren
         &|_| {},
     )
     .unwrap();
-    t.start();
+    t.start(None);
     t
 }
 

@@ -13,13 +13,17 @@ use crate::engine::peer;
 use crate::engine::tasks::Failure;
 use crate::engine::torrent::Torrent;
 use crate::engine::PeerSource;
+use crate::net::dht::{DhtHandle, LookupUpdate};
 
 /// Explicit `--peer`s are retried this often after a disconnect.
 const RETRY_EXPLICIT_EVERY: Duration = Duration::from_secs(5);
+/// The DHT is asked again this soon while no node answers (a fresh node, or bootstrap pending).
+pub const DHT_RETRY: Duration = Duration::from_secs(10);
 
 impl Torrent {
-    /// Starts the announcer, the ticker and the connector on the current runtime.
-    pub fn start(self: &Arc<Self>) {
+    /// Starts the announcer, the DHT announces (`dht`, unless the torrent is private), the
+    /// ticker and the connector on the current runtime.
+    pub fn start(self: &Arc<Self>, dht: Option<DhtHandle>) {
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
         let (tracker_tx, mut tracker_rx) = mpsc::unbounded_channel();
         self.start_announcer(tracker_tx);
@@ -38,6 +42,21 @@ impl Torrent {
         }
         for p in &self.cfg.found_peers {
             let _ = peers_tx.send(*p);
+        }
+        if let Some(dht) = dht {
+            let _ = self.dht.set(dht.clone());
+            if self.meta.info.private {
+                log::debug!("{}: private torrent: not using the DHT", self.name());
+            } else {
+                let (info_hash, port) = (self.info_hash.0, self.listen_port);
+                let interval = self.cfg.dht_announce_interval;
+                let forward = peers_tx.clone();
+                self.tasks
+                    .spawn("dht-announce", Failure::Routine, async move {
+                        announce_on_dht(dht, info_hash, port, interval, forward).await;
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+            }
         }
         drop(peers_tx);
         let t = self.clone();
@@ -104,5 +123,48 @@ impl Torrent {
                 peer::connect_and_run(t, addr).await
             });
         }
+    }
+}
+
+/// Looks `info_hash` up on the DHT and announces us on `port`, every `interval` (every
+/// `DHT_RETRY` while no node answers); found peers go to `peers_tx`. Runs until the torrent's
+/// task group stops it or the connector is gone.
+async fn announce_on_dht(
+    dht: DhtHandle,
+    info_hash: [u8; 20],
+    port: u16,
+    interval: Duration,
+    peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
+) {
+    loop {
+        let mut lookup = dht.get_peers(info_hash, Some(port));
+        let mut answered = false;
+        while let Some(update) = lookup.recv().await {
+            match update {
+                LookupUpdate::Peers(peers) => {
+                    for p in peers {
+                        if peers_tx.send((p, PeerSource::Dht)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                LookupUpdate::Done(summary) => {
+                    answered = summary.answered > 0;
+                    log::debug!(
+                        "dht lookup: {} of {} queries answered, {} hops",
+                        summary.answered,
+                        summary.queried,
+                        summary.hops
+                    );
+                    break;
+                }
+            }
+        }
+        let wait = if answered {
+            interval
+        } else {
+            DHT_RETRY.min(interval)
+        };
+        tokio::time::sleep(wait).await;
     }
 }

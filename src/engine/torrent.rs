@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use crate::disk::Store;
 use crate::engine::state::{BlockArrival, State, StateConfig};
 use crate::engine::tasks::TaskGroup;
 use crate::engine::{PeerSource, SourceCounts};
+use crate::net::dht::DhtHandle;
 use crate::net::ratelimit::RateLimiter;
 use crate::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup};
 
@@ -60,6 +61,9 @@ pub struct TorrentConfig {
     pub readahead: u64,
     /// Announce to trackers at all.
     pub announce: bool,
+    /// How often the DHT is asked for peers and told about us (`--dht-announce-interval`); while
+    /// no DHT node answers, every `DHT_RETRY` instead. Private torrents never use the DHT.
+    pub dht_announce_interval: Duration,
 }
 
 impl Default for TorrentConfig {
@@ -77,6 +81,7 @@ impl Default for TorrentConfig {
             read_timeout: Duration::from_secs(60),
             readahead: 32 << 20,
             announce: true,
+            dht_announce_interval: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct Snapshot {
     pub sources_ever: SourceCounts,
     pub pex_sent: u64,
     pub pex_received: u64,
+    /// Nodes in our DHT routing table; `None` without a DHT.
+    pub dht_nodes: Option<usize>,
 }
 
 pub struct Torrent {
@@ -133,6 +140,8 @@ pub struct Torrent {
     pending_verify: AtomicUsize,
     announcer: Mutex<Option<Announcer>>,
     completed_announced: AtomicBool,
+    /// The session's DHT node, set at start (for its counts in snapshots).
+    pub(crate) dht: OnceLock<DhtHandle>,
 }
 
 /// Complete pieces waiting to be hashed (and written) beyond which peers stop requesting: a
@@ -211,6 +220,7 @@ impl Torrent {
             pending_verify: AtomicUsize::new(0),
             announcer: Mutex::new(None),
             completed_announced: AtomicBool::new(false),
+            dht: OnceLock::new(),
             meta,
         }))
     }
@@ -325,6 +335,7 @@ impl Torrent {
             sources_ever,
             pex_sent: self.counters.pex_sent.load(Ordering::Relaxed),
             pex_received: self.counters.pex_received.load(Ordering::Relaxed),
+            dht_nodes: self.dht.get().map(|d| d.stats().nodes),
             downloaded: self.counters.downloaded.load(Ordering::Relaxed),
             uploaded: self.counters.uploaded.load(Ordering::Relaxed),
             down_rate: totals.down_rate as f64,

@@ -27,7 +27,8 @@ const MAX_READ: u32 = 1 << 20;
 pub const XATTR_PROGRESS: &str = "user.swarmfs.progress";
 pub const XATTR_INFOHASH: &str = "user.swarmfs.infohash";
 pub const XATTR_PIECES: &str = "user.swarmfs.pieces";
-/// On the torrent's top entry (and the mount's root): connected peers by source.
+/// On the torrent's top entry (and the mount's root): connected peers by source, and the DHT
+/// routing table's size (`dht_nodes=N`) when the DHT is on.
 pub const XATTR_PEERS: &str = "user.swarmfs.peers";
 
 pub struct TorrentFs {
@@ -112,7 +113,12 @@ impl TorrentFs {
             XATTR_PIECES if pieces.is_empty() => Ok(b"none".to_vec()),
             XATTR_PIECES => Ok(format!("{}-{}", pieces.start, pieces.end - 1).into_bytes()),
             XATTR_PEERS if node.parent == ROOT_INO => {
-                Ok(self.torrent.snapshot().sources.key_values().into_bytes())
+                let s = self.torrent.snapshot();
+                let mut text = s.sources.key_values();
+                if let Some(n) = s.dht_nodes {
+                    text.push_str(&format!(" dht_nodes={n}"));
+                }
+                Ok(text.into_bytes())
             }
             _ => Err(Errno::NO_XATTR),
         }

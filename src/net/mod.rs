@@ -1,4 +1,5 @@
 //! I/O over the core codecs: sockets, HTTP; events reported on channels.
+pub mod dht;
 pub mod peer;
 pub mod ratelimit;
 pub mod tracker;
