@@ -30,7 +30,8 @@ enum Command {
     /// Run a small HTTP and UDP tracker on one port (for local swarms, demos and tests).
     Tracker(cli::tracker::Args),
     /// Run a standalone DHT node: the first node of a private swarm, a bootstrap node for tests
-    /// (without --dht-bootstrap it joins nothing and waits for others to join through it).
+    /// (without --dht-bootstrap it joins nothing and waits for others to join through it; without
+    /// --dht-state it keeps no table between runs).
     Dht(cli::dht::Args),
 }
 

@@ -585,3 +585,41 @@ async fn a_private_torrent_is_never_announced_on_the_dht() {
     drop(public_seed);
     observer.shutdown().await;
 }
+
+#[test]
+fn the_table_is_kept_only_where_asked() {
+    let _serial = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let xdg = tmp.path().join("xdg");
+    let state = tmp.path().join("table.dat");
+    // Prints the node's id, then stops it (SIGTERM) and returns that id.
+    let run = |extra: &[&str], log: &str| {
+        let mut p = Proc::spawn(
+            "dht",
+            Command::new(bin())
+                .args(["dht", "--listen", "127.0.0.41:0"])
+                .args(extra)
+                .env("XDG_STATE_HOME", &xdg),
+            &tmp.path().join(log),
+        );
+        let line = p.wait_line("dht node listening on ", Duration::from_secs(60));
+        let lines = closing_lines(&mut p, true);
+        assert!(
+            line_with(&lines, "dht: ").ends_with("peers stored"),
+            "{lines:?}"
+        );
+        line.split("(id ").nth(1).unwrap().to_string()
+    };
+    let state_arg = state.to_str().unwrap();
+    let first = run(&["--dht-state", state_arg], "1.log");
+    assert!(state.exists(), "--dht-state FILE was not written");
+    let second = run(&["--dht-state", state_arg], "2.log");
+    assert_eq!(
+        first, second,
+        "the node id did not come back from the saved table"
+    );
+    // A standalone node without --dht-state keeps nothing, not even in $XDG_STATE_HOME.
+    let third = run(&[], "3.log");
+    assert_ne!(third, first);
+    assert!(!xdg.exists(), "a standalone node wrote to $XDG_STATE_HOME");
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cli::common::{termination_signal, DhtArgs};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::common::DhtArgs;
 use crate::net::dht::DhtNode;
 
 /// How often `-v` logs the node's counts.
@@ -17,7 +19,8 @@ pub struct Args {
     /// UDP address to run the node on.
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Without --dht-bootstrap the node joins nothing: it waits for others to join through it.
+    /// Without --dht-bootstrap the node joins nothing: it waits for others to join through it;
+    /// without --dht-state it keeps no table between runs.
     #[command(flatten)]
     pub dht: DhtArgs,
 }
@@ -34,10 +37,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // A standalone node is a swarm's first node: the public routers are not its business.
             settings.bootstrap.clear();
         }
+        if args.dht.state.is_none() {
+            // Nor is the table of real use: a private swarm's nodes must not end up in it.
+            settings.state_file = None;
+        }
         let socket = tokio::net::UdpSocket::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on UDP {}", args.listen))?;
         let node = DhtNode::start(socket, settings)?;
+        // Listening for signals before saying we run: a SIGTERM right after that line must stop
+        // us cleanly (and save the table), not kill us.
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut stdout = std::io::stdout();
         writeln!(
             stdout,
@@ -47,11 +58,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
         stdout.flush()?;
         let mut every = tokio::time::interval(STATS_EVERY);
-        let stop = termination_signal();
-        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = &mut stop => break,
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
                 _ = every.tick() => {
                     let s = node.stats();
                     log::info!("dht: {} nodes, {} torrents, {} peers stored", s.nodes, s.torrents_stored, s.peers_stored);
