@@ -157,13 +157,10 @@ async fn a_newcomer_finds_what_another_node_of_a_hundred_announced() {
 async fn lookups_succeed_after_thirty_of_a_hundred_nodes_leave() {
     let _serial = one_at_a_time();
     let nodes = network(100).await;
-    // 20 torrents, each announced by a different node on its own port, twice: a running node
-    // re-announces every interval, each time from a fresh lookup.
-    for _ in 0..2 {
-        let announces =
-            (0..20u32).map(|i| lookup(&nodes[i as usize], hash_of(i), Some(5000 + i as u16)));
-        futures_util::future::join_all(announces).await;
-    }
+    // 20 torrents, each announced by a different node on its own port.
+    let announces =
+        (0..20u32).map(|i| lookup(&nodes[i as usize], hash_of(i), Some(5000 + i as u16)));
+    futures_util::future::join_all(announces).await;
     // 30 nodes leave (among them 10 of the announcers: their records live on other nodes).
     for node in &nodes[10..40] {
         node.shutdown().await;

@@ -1029,6 +1029,7 @@ impl Dht {
         };
         if self.bootstrap_lookup == Some(id) {
             self.bootstrap_lookup = None;
+            self.refresh_far_buckets(now);
         }
         if let LookupKind::GetPeers {
             announce_port: Some(port),
@@ -1058,6 +1059,22 @@ impl Dht {
                 target: lookup.target.0,
                 summary: lookup.summary(),
             });
+        }
+    }
+
+    /// Kademlia's join, after the lookup of our own id: a lookup of a random id in each bucket
+    /// farther than our own, so those buckets hold nodes from the start and lookups for any
+    /// target can descend (otherwise they fill only through queries that happen to reach us,
+    /// or at their refresh 15 min later, and a young swarm's lookups stop short of the closest
+    /// nodes).
+    fn refresh_far_buckets(&mut self, now: Instant) {
+        let far = self.table.bucket_count().saturating_sub(1);
+        for b in 0..far {
+            if self.lookups.len() + LOOKUP_SLOTS_KEPT_FREE >= MAX_LOOKUPS {
+                break;
+            }
+            let target = self.table.random_id_in_bucket(b, &mut self.rng);
+            self.start_lookup(target, LookupKind::FindNode, true, &[], now);
         }
     }
 
@@ -1518,6 +1535,35 @@ mod tests {
         ids.sort_by_key(|id| target.distance(id));
         ids.truncate(K);
         ids
+    }
+
+    #[test]
+    fn a_newcomer_fills_every_far_bucket_the_network_can_fill_when_it_joins() {
+        let mut net = build_network(100, 3);
+        let newcomer = net.add_node(NodeId([0x3c; 20]), test_cfg(), 77);
+        net.with(newcomer, |d, now| {
+            d.bootstrap(&[SimNetwork::addr_of(42)], now)
+        });
+        net.run_for(Duration::from_secs(3));
+        let own = net.nodes[newcomer].dht.id();
+        let table = net.nodes[newcomer].dht.routing_table();
+        let far = table.bucket_count() - 1;
+        let mut missing = Vec::new();
+        for b in 0..far {
+            let exists = net
+                .nodes
+                .iter()
+                .any(|n| n.alive && n.dht.id() != own && own.common_prefix_len(&n.dht.id()) == b);
+            let known = table.nodes().any(|n| own.common_prefix_len(&n.id) == b);
+            if exists && !known {
+                missing.push(b);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "far buckets left empty after the join: {missing:?} of {far}"
+        );
+        net.nodes[newcomer].dht.check_invariants();
     }
 
     #[test]
