@@ -313,12 +313,9 @@ fn line_with<'a>(lines: &'a [String], prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line starting with {prefix:?} in {lines:?}"))
 }
 
-#[test]
-fn a_bare_magnet_downloads_from_a_swarmfs_seeder_found_through_the_dht() {
-    let _serial = one_at_a_time();
-    let s = swarm(false);
-    let (_node, boot) = dht_node("127.0.0.2", &s.path("dht.log"));
-    let (_seed, _) = swarmfs_seed(&s, "127.0.0.3", boot, "seed.log");
+/// `swarmfs download` of the swarm's bare magnet on `ip`, joining the DHT through `bootstrap`:
+/// the download must finish with the same files; returns its closing lines.
+fn download_bare_magnet(s: &Swarm, ip: &str, bootstrap: SocketAddr) -> Vec<String> {
     let dir = s.path("dl");
     let mut dl = Proc::spawn(
         "download",
@@ -327,7 +324,7 @@ fn a_bare_magnet_downloads_from_a_swarmfs_seeder_found_through_the_dht() {
             .arg(s.bare_magnet())
             .arg("-d")
             .arg(&dir)
-            .args(dht_args("127.0.0.4", boot))
+            .args(dht_args(ip, bootstrap))
             .env("RUST_LOG", "swarmfs=debug"),
         &s.path("dl.log"),
     );
@@ -337,6 +334,16 @@ fn a_bare_magnet_downloads_from_a_swarmfs_seeder_found_through_the_dht() {
     })
     .0;
     assert_same_tree(&s.path("src/set"), &dir.join(&s.name));
+    lines
+}
+
+#[test]
+fn a_bare_magnet_downloads_from_a_swarmfs_seeder_found_through_the_dht() {
+    let _serial = one_at_a_time();
+    let s = swarm(false);
+    let (_node, boot) = dht_node("127.0.0.2", &s.path("dht.log"));
+    let (_seed, _) = swarmfs_seed(&s, "127.0.0.3", boot, "seed.log");
+    let lines = download_bare_magnet(&s, "127.0.0.4", boot);
     // The seeder may also have dialled us after finding our announce (then "incoming 1").
     assert!(
         line_with(&lines, "peers by source: ").starts_with("peers by source: dht 1"),
@@ -386,24 +393,7 @@ fn libtorrent_finds_our_announce_and_we_find_libtorrents() {
         &t.path("lt-seed.log"),
     );
     lt.wait_line("seeding", Duration::from_secs(60));
-    let dir = t.path("dl");
-    let mut dl = Proc::spawn(
-        "download",
-        Command::new(bin())
-            .arg("download")
-            .arg(t.bare_magnet())
-            .arg("-d")
-            .arg(&dir)
-            .args(dht_args("127.0.0.16", boot))
-            .env("RUST_LOG", "swarmfs=debug"),
-        &t.path("dl.log"),
-    );
-    let lines = with_watchdog(WATCHDOG, "download from libtorrent", move || {
-        let lines = closing_lines(&mut dl, false);
-        (lines, dl)
-    })
-    .0;
-    assert_same_tree(&t.path("src/set"), &dir.join(&t.name));
+    let lines = download_bare_magnet(&t, "127.0.0.16", boot);
     assert!(
         line_with(&lines, "peers by source: ").contains("dht "),
         "{lines:?}"

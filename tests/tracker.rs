@@ -1,50 +1,16 @@
 //! Trackers end to end on 127.0.0.1: our client against our built-in tracker and against Debian's
 //! opentracker, the per-torrent Announcer against our tracker, and the `swarmfs tracker` command.
-use std::future::Future;
+mod common;
+
+use common::trackers::{local, request, start_opentracker, watchdog, Via};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use swarmfs::core::tracker_proto::{
-    AnnounceEvent, AnnounceRequest, SwarmPeer, TrackerError, TransferTotals,
-};
+use swarmfs::core::tracker_proto::{AnnounceEvent, SwarmPeer, TrackerError, TransferTotals};
 use swarmfs::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup, TrackerClient};
 use swarmfs::net::tracker_server::{AnnounceSeen, TrackerConfig, TrackerServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{broadcast, mpsc, watch};
-
-/// Every test runs under this so a hang is a failure, not a stuck suite.
-async fn watchdog<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(30), test)
-        .await
-        .expect("test did not finish within 30 s")
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn request(
-    info_hash: [u8; 20],
-    port: u16,
-    left: u64,
-    event: Option<AnnounceEvent>,
-) -> AnnounceRequest {
-    let mut peer_id = *b"-SF0100-000000000000";
-    peer_id[14..].copy_from_slice(format!("{port:06}").as_bytes());
-    AnnounceRequest {
-        peer: SwarmPeer {
-            info_hash,
-            peer_id,
-            port,
-        },
-        totals: TransferTotals {
-            left,
-            ..TransferTotals::default()
-        },
-        event,
-        numwant: 50,
-    }
-}
 
 /// An info-hash with bytes that need percent-encoding (and one that form decoders turn into a space).
 fn binary_hash(seed: u8) -> [u8; 20] {
@@ -282,70 +248,11 @@ async fn failure_reason_is_surfaced_as_failure() {
     .await
 }
 
-/// opentracker on a free loopback port, serving only `whitelisted` (Debian's build whitelists).
-struct OpenTracker {
-    _child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-/// A torrent every opentracker here also serves, announced to until the whitelist is loaded.
-const OPENTRACKER_PROBE: [u8; 20] = [0x9B; 20];
-
-async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
-    let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelisted
-        .iter()
-        .chain([&OPENTRACKER_PROBE])
-        .map(|h| hex::encode(h) + "\n")
-        .collect();
-    std::fs::write(dir.path().join("whitelist.txt"), list).unwrap();
-    let port = unused_port();
-    // opentracker chroots to -d and reads the whitelist from there, so the name is relative.
-    let spawned = tokio::process::Command::new("opentracker")
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-w",
-            "whitelist.txt",
-        ])
-        .arg("-d")
-        .arg(dir.path())
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let child = match spawned {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("opentracker is not installed; scripts/test.sh installs it")
-        }
-        Err(e) => panic!("cannot start opentracker: {e}"),
-    };
-    // Ready means: it accepts a `started` for the probe torrent (it loads the whitelist after
-    // it starts listening, refusing every torrent until then; a `stopped` it answers for any
-    // torrent, so that is no sign). The probe's own swarm keeps the tested ones clean.
-    let url = format!("http://127.0.0.1:{port}/announce");
-    let client = TrackerClient::new();
-    let probe = request(OPENTRACKER_PROBE, 1, 0, Some(AnnounceEvent::Started));
-    while client.announce(&url, &probe).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    OpenTracker {
-        _child: child,
-        _dir: dir,
-        url,
-    }
-}
-
 #[tokio::test]
 async fn our_client_against_opentracker() {
     watchdog(async {
         let hash = binary_hash(5);
-        let tracker = start_opentracker(&[hash]).await;
+        let tracker = start_opentracker(&[hash], Via::Http).await;
         let client = TrackerClient::new();
 
         client

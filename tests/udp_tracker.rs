@@ -4,14 +4,17 @@
 //! a udp:// URL.
 mod common;
 
-use std::future::Future;
+use common::trackers::{
+    free_udp_port, local, quick_schedule, request, start_opentracker, watchdog, Via,
+};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use swarmfs::core::tracker_proto::{
-    AnnounceEvent, AnnounceRequest, AnnounceResponse, SwarmPeer, TrackerError, TransferTotals,
+    AnnounceEvent, AnnounceResponse, SwarmPeer, TrackerError, TransferTotals,
 };
 use swarmfs::core::udp_tracker::{
     decode_request, encode_announce_response, encode_connect_response, encode_error, RequestKind,
@@ -22,40 +25,6 @@ use swarmfs::net::udp_tracker::UdpSchedule;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-/// Every async test runs under this so a hang is a failure, not a stuck suite.
-async fn watchdog<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(30), test)
-        .await
-        .expect("test did not finish within 30 s")
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn request(
-    info_hash: [u8; 20],
-    port: u16,
-    left: u64,
-    event: Option<AnnounceEvent>,
-) -> AnnounceRequest {
-    let mut peer_id = *b"-SF0100-000000000000";
-    peer_id[14..].copy_from_slice(format!("{port:06}").as_bytes());
-    AnnounceRequest {
-        peer: SwarmPeer {
-            info_hash,
-            peer_id,
-            port,
-        },
-        totals: TransferTotals {
-            left,
-            ..TransferTotals::default()
-        },
-        event,
-        numwant: 50,
-    }
-}
-
 fn hash(seed: u8) -> [u8; 20] {
     let mut hash = [seed; 20];
     hash[0] = 0;
@@ -63,80 +32,11 @@ fn hash(seed: u8) -> [u8; 20] {
     hash
 }
 
-/// A schedule scaled down from BEP 15's 15 s base, with all of the spec's sends.
-fn quick_schedule() -> UdpSchedule {
-    UdpSchedule {
-        retry_base: Duration::from_millis(50),
-        ..UdpSchedule::default()
-    }
-}
-
-/// A UDP port nothing listens on (bound, then released).
-fn unused_udp_port() -> u16 {
-    let socket = std::net::UdpSocket::bind(local(0)).unwrap();
-    socket.local_addr().unwrap().port()
-}
-
-/// opentracker serving only `whitelisted` over UDP on a free loopback port (and HTTP on another).
-struct OpenTracker {
-    _child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-/// A torrent every opentracker here also serves, announced to until the whitelist is loaded.
-const OPENTRACKER_PROBE: [u8; 20] = [0x9B; 20];
-
-async fn start_opentracker(whitelisted: &[[u8; 20]]) -> OpenTracker {
-    let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelisted
-        .iter()
-        .chain([&OPENTRACKER_PROBE])
-        .map(|h| hex::encode(h) + "\n")
-        .collect();
-    std::fs::write(dir.path().join("whitelist.txt"), list).unwrap();
-    let udp_port = unused_udp_port();
-    let tcp_port = common::free_port();
-    // opentracker chroots to -d and reads the whitelist from there, so the name is relative.
-    let spawned = tokio::process::Command::new("opentracker")
-        .args(["-i", "127.0.0.1", "-p", &tcp_port.to_string()])
-        .args(["-P", &udp_port.to_string(), "-w", "whitelist.txt"])
-        .arg("-d")
-        .arg(dir.path())
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let child = match spawned {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("opentracker is not installed; scripts/test.sh installs it")
-        }
-        Err(e) => panic!("cannot start opentracker: {e}"),
-    };
-    // Ready means: it accepts a UDP `started` for the probe torrent (before it listens the port
-    // is refused; before it has read the whitelist every torrent is refused, except that a
-    // `stopped` is answered for any torrent, so that is no sign). The probe's own swarm keeps
-    // the tested ones clean.
-    let url = format!("udp://127.0.0.1:{udp_port}/announce");
-    let client = TrackerClient::with_udp_schedule(quick_schedule());
-    let probe = request(OPENTRACKER_PROBE, 1, 0, Some(AnnounceEvent::Started));
-    while client.announce(&url, &probe).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    OpenTracker {
-        _child: child,
-        _dir: dir,
-        url,
-    }
-}
-
 #[tokio::test]
 async fn our_client_against_opentracker_over_udp() {
     watchdog(async {
         let info_hash = hash(1);
-        let tracker = start_opentracker(&[info_hash]).await;
+        let tracker = start_opentracker(&[info_hash], Via::Udp).await;
         let client = TrackerClient::new();
 
         // (opentracker may list the asking peer itself: no assertion on the first answer.)
@@ -437,7 +337,7 @@ async fn refused_port_fails_at_once_not_after_the_schedule() {
         // The spec's schedule (15 s, then 30 s, ...): only the ICMP refusal can end this within
         // the watchdog.
         let client = TrackerClient::new();
-        let url = format!("udp://{}/announce", local(unused_udp_port()));
+        let url = format!("udp://{}/announce", local(free_udp_port()));
         let err = client
             .announce(&url, &request(hash(7), 1111, 5, None))
             .await

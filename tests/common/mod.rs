@@ -2,6 +2,8 @@
 //! watchdogs, third-party tools. Every process started here is killed when its guard drops.
 #![allow(dead_code)]
 
+pub mod trackers;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
