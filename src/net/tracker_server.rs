@@ -199,6 +199,30 @@ impl Shared {
         // remove.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Records one announce (HTTP or UDP) from `peer`, answering with peers of `family`, and
+    /// tells the observers about it.
+    fn announce(
+        &self,
+        query: &AnnounceQuery,
+        peer: SocketAddr,
+        family: PeerFamily,
+    ) -> Result<AnnounceResponse, String> {
+        let response = self.registry().announce(
+            query,
+            peer,
+            family,
+            Instant::now(),
+            &mut rand::thread_rng(),
+        )?;
+        let _ = self.observers.send(AnnounceSeen {
+            info_hash: query.peer.info_hash,
+            peer,
+            event: query.event,
+            left: query.totals.left,
+        });
+        Ok(response)
+    }
 }
 
 async fn serve(
@@ -295,23 +319,8 @@ fn handle(
                 peer_ip(remote.ip(), announce.ip.as_deref()),
                 announce.peer.port,
             );
-            let result = shared.registry().announce(
-                &announce,
-                peer,
-                PeerFamily::Any,
-                Instant::now(),
-                &mut rand::thread_rng(),
-            );
-            match result {
-                Ok(response) => {
-                    let _ = shared.observers.send(AnnounceSeen {
-                        info_hash: announce.peer.info_hash,
-                        peer,
-                        event: announce.event,
-                        left: announce.totals.left,
-                    });
-                    bencoded(encode_announce_response(&response))
-                }
+            match shared.announce(&announce, peer, PeerFamily::Any) {
+                Ok(response) => bencoded(encode_announce_response(&response)),
                 Err(reason) => bencoded(encode_failure(&reason)),
             }
         }
@@ -419,21 +428,8 @@ fn handle_udp(
             let ipv6 = client.to_canonical().is_ipv6();
             let family = if ipv6 { PeerFamily::V6 } else { PeerFamily::V4 };
             let peer = SocketAddr::new(peer_ip(client, query.ip.as_deref()), query.peer.port);
-            let result = shared.registry().announce(
-                &query,
-                peer,
-                family,
-                Instant::now(),
-                &mut rand::thread_rng(),
-            );
-            match result {
+            match shared.announce(&query, peer, family) {
                 Ok(response) => {
-                    let _ = shared.observers.send(AnnounceSeen {
-                        info_hash: query.peer.info_hash,
-                        peer,
-                        event: query.event,
-                        left: query.totals.left,
-                    });
                     udp_tracker::encode_announce_response(transaction_id, &response, ipv6, answer);
                 }
                 Err(reason) => udp_tracker::encode_error(transaction_id, &reason, answer),
