@@ -22,9 +22,10 @@ use crate::core::tracker_proto::{SwarmPeer, TransferTotals};
 use crate::core::wire::Handshake;
 use crate::engine::metadata::{self, FetchConfig, FetchProgress, Fetched};
 use crate::engine::tasks::{Failure, TaskGroup};
+use crate::engine::ticker::feed_dht_peers;
 use crate::engine::torrent::{Torrent, TorrentConfig};
 use crate::engine::PeerSource;
-use crate::net::dht::{DhtHandle, DhtNode, DhtSettings, LookupUpdate};
+use crate::net::dht::{DhtHandle, DhtNode, DhtSettings};
 use crate::net::peer;
 use crate::net::tracker::{Announcer, AnnouncerConfig, AnnouncerSetup};
 
@@ -210,14 +211,13 @@ impl Session {
         if let Some(dht) = self.dht.clone() {
             let forward = peers_tx.clone();
             // Ends with the fetch (the receiver is dropped) or at shutdown.
-            self.tasks.spawn(
-                "metadata-dht",
-                crate::engine::tasks::Failure::Routine,
-                async move {
-                    dht_peers_until_closed(dht, info_hash.0, forward).await;
+            self.tasks
+                .spawn("metadata-dht", Failure::Routine, async move {
+                    // Without announcing us: the torrent does that once it starts.
+                    let every = METADATA_DHT_RETRY;
+                    feed_dht_peers(dht, info_hash.0, None, every, every, forward).await;
                     Ok::<(), std::convert::Infallible>(())
-                },
-            );
+                });
         }
         drop(peers_tx);
         let cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());
@@ -253,37 +253,6 @@ fn start_dht(listen_addr: SocketAddr, settings: DhtSettings) -> Option<DhtHandle
         Err(e) => {
             log::warn!("DHT off: cannot use UDP {listen_addr}: {e}");
             None
-        }
-    }
-}
-
-/// Feeds the peers DHT lookups find for `info_hash` to `peers_tx` (without announcing us),
-/// looking up again every few seconds, until `peers_tx`'s receiver is gone.
-async fn dht_peers_until_closed(
-    dht: DhtHandle,
-    info_hash: [u8; 20],
-    peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
-) {
-    loop {
-        let mut lookup = dht.get_peers(info_hash, None);
-        loop {
-            tokio::select! {
-                update = lookup.recv() => match update {
-                    Some(LookupUpdate::Peers(peers)) => {
-                        for p in peers {
-                            if peers_tx.send((p, PeerSource::Dht)).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Some(LookupUpdate::Done(_)) | None => break,
-                },
-                _ = peers_tx.closed() => return,
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(METADATA_DHT_RETRY) => {}
-            _ = peers_tx.closed() => return,
         }
     }
 }

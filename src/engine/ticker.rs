@@ -53,7 +53,8 @@ impl Torrent {
                 let forward = peers_tx.clone();
                 self.tasks
                     .spawn("dht-announce", Failure::Routine, async move {
-                        announce_on_dht(dht, info_hash, port, interval, forward).await;
+                        feed_dht_peers(dht, info_hash, Some(port), interval, DHT_RETRY, forward)
+                            .await;
                         Ok::<(), std::convert::Infallible>(())
                     });
             }
@@ -126,45 +127,54 @@ impl Torrent {
     }
 }
 
-/// Looks `info_hash` up on the DHT and announces us on `port`, every `interval` (every
-/// `DHT_RETRY` while no node answers); found peers go to `peers_tx`. Runs until the torrent's
-/// task group stops it or the connector is gone.
-async fn announce_on_dht(
+/// Looks `info_hash` up on the DHT (announcing us on `announce_port`, if given) and feeds the
+/// peers found to `peers_tx`, again and again: every `interval`, or every `retry` while no node
+/// answers. Ends when `peers_tx`'s receiver is gone (or the task is cancelled).
+pub(crate) async fn feed_dht_peers(
     dht: DhtHandle,
     info_hash: [u8; 20],
-    port: u16,
+    announce_port: Option<u16>,
     interval: Duration,
+    retry: Duration,
     peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
 ) {
     loop {
-        let mut lookup = dht.get_peers(info_hash, Some(port));
+        let mut lookup = dht.get_peers(info_hash, announce_port);
         let mut answered = false;
-        while let Some(update) = lookup.recv().await {
-            match update {
-                LookupUpdate::Peers(peers) => {
-                    for p in peers {
-                        if peers_tx.send((p, PeerSource::Dht)).is_err() {
-                            return;
+        loop {
+            tokio::select! {
+                update = lookup.recv() => match update {
+                    Some(LookupUpdate::Peers(peers)) => {
+                        for p in peers {
+                            if peers_tx.send((p, PeerSource::Dht)).is_err() {
+                                return;
+                            }
                         }
                     }
-                }
-                LookupUpdate::Done(summary) => {
-                    answered = summary.answered > 0;
-                    log::debug!(
-                        "dht lookup: {} of {} queries answered, {} hops",
-                        summary.answered,
-                        summary.queried,
-                        summary.hops
-                    );
-                    break;
-                }
+                    Some(LookupUpdate::Done(summary)) => {
+                        answered = summary.answered > 0;
+                        log::debug!(
+                            "dht lookup: {} of {} queries answered, {} hops",
+                            summary.answered,
+                            summary.queried,
+                            summary.hops
+                        );
+                        break;
+                    }
+                    // The node is gone (shutting down): try again later.
+                    None => break,
+                },
+                _ = peers_tx.closed() => return,
             }
         }
         let wait = if answered {
             interval
         } else {
-            DHT_RETRY.min(interval)
+            retry.min(interval)
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = peers_tx.closed() => return,
+        }
     }
 }
