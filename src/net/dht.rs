@@ -21,6 +21,9 @@ use crate::core::routing::NodeId;
 const RECV_BUFFER: usize = 2048;
 /// The longest the task sleeps between ticks, so stats stay fresh.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// Stats are published at most this often (counting the table costs a walk over it, too much
+/// for every datagram).
+const STATS_EVERY: Duration = Duration::from_millis(100);
 /// How long resolving one bootstrap host name may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -87,6 +90,7 @@ impl DhtNode {
             dht,
             lookups: HashMap::new(),
             stats_tx,
+            stats_due: Instant::now(),
             state_file: settings.state_file,
         };
         tokio::spawn(task.run(command_rx, settings.bootstrap, saved_nodes));
@@ -119,7 +123,8 @@ impl DhtHandle {
         rx
     }
 
-    /// Counts as of the last loop of the node (at most a second old).
+    /// Counts at most about a second old (published every 100 ms while the node is busy, and at
+    /// each of its wake-ups, at least once a second).
     pub fn stats(&self) -> DhtStats {
         *self.stats.borrow()
     }
@@ -146,6 +151,7 @@ struct NodeTask {
     dht: Dht,
     lookups: HashMap<LookupId, mpsc::UnboundedSender<LookupUpdate>>,
     stats_tx: watch::Sender<DhtStats>,
+    stats_due: Instant,
     state_file: Option<PathBuf>,
 }
 
@@ -234,8 +240,12 @@ impl NodeTask {
                 }
             }
         }
-        // Read with `borrow` only (nobody waits for changes), so replacing is cheap.
-        self.stats_tx.send_replace(self.dht.stats());
+        let now = Instant::now();
+        if now >= self.stats_due {
+            self.stats_due = now + STATS_EVERY;
+            // Read with `borrow` only (nobody waits for changes), so replacing is cheap.
+            self.stats_tx.send_replace(self.dht.stats());
+        }
     }
 
     fn save(&self) {
