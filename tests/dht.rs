@@ -480,58 +480,15 @@ async fn a_private_torrent_is_never_announced_on_the_dht() {
     let boot = observer.local_addr();
     let private = swarm(true);
     let public = swarm(false);
-    let (mut private_seed, _) = tokio::task::spawn_blocking({
-        let private_torrent = private.torrent.clone();
-        let dir = private.path("src");
-        let log = private.path("seed.log");
-        move || {
-            let mut p = Proc::spawn(
-                "private-seeder",
-                Command::new(bin())
-                    .arg("seed")
-                    .arg(&private_torrent)
-                    .arg("-d")
-                    .arg(dir)
-                    .args(dht_args("127.0.0.32", boot))
-                    .env("RUST_LOG", "swarmfs=debug"),
-                &log,
-            );
-            let addr = p.listen_addr();
-            p.wait_line("seeding ", Duration::from_secs(60));
-            (p, addr)
-        }
-    })
-    .await
-    .unwrap();
+    // (Blocking waits on the test's own thread are fine: the nodes run on the runtime's workers.)
+    let (mut private_seed, _) = swarmfs_seed(&private, "127.0.0.32", boot, "seed.log");
     wait_until("the private seeder's node joined", || {
         observer.stats().nodes >= 1
     })
     .await;
     // A public seeder started after it, announcing every second: once three of its announces
     // have reached the observer, the private seeder has had as long to announce.
-    let (public_seed, _) = tokio::task::spawn_blocking({
-        let torrent = public.torrent.clone();
-        let dir = public.path("src");
-        let log = public.path("seed.log");
-        move || {
-            let mut p = Proc::spawn(
-                "public-seeder",
-                Command::new(bin())
-                    .arg("seed")
-                    .arg(&torrent)
-                    .arg("-d")
-                    .arg(dir)
-                    .args(dht_args("127.0.0.33", boot))
-                    .env("RUST_LOG", "swarmfs=debug"),
-                &log,
-            );
-            let addr = p.listen_addr();
-            p.wait_line("seeding ", Duration::from_secs(60));
-            (p, addr)
-        }
-    })
-    .await
-    .unwrap();
+    let (public_seed, _) = swarmfs_seed(&public, "127.0.0.33", boot, "seed.log");
     let public_hash: [u8; 20] = hex::decode(&public.info_hash).unwrap().try_into().unwrap();
     let deadline = tokio::time::Instant::now() + WATCHDOG;
     while lookup(&observer, public_hash, None).await.is_empty() {
