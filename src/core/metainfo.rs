@@ -9,28 +9,29 @@
 //!
 //! Hybrid v1+v2 torrents (BEP 52) are read through their v1 part; v2-only torrents are refused.
 //!
-//! Pad files (`attr` contains `p`; libtorrent names them `.pad/N`) stay in [`Info::files`]
-//! because they take up bytes of the piece stream, but they are flagged and never shown; their
-//! paths are not checked, since libtorrent gives every pad of the same size the same path.
+//! Pad files (`attr` contains `p`, or BitComet's `_____padding_file_` names; libtorrent names
+//! them `.pad/N`) stay in [`Info::files`] because they take up bytes of the piece stream, but
+//! they are flagged and never shown; pads of the same size may share a path.
 //!
 //! # Names
 //!
-//! Every name and path component shown to users must be a single, safe component: not empty,
-//! not `.` or `..`, and without `/`, `\` or NUL, so no file can escape the torrent's root.
-//! `name.utf-8` / `path.utf-8` (written by some older clients) are preferred when present and
-//! well-formed. A name that is not valid UTF-8 is escaped losslessly: each byte of an invalid
-//! sequence becomes `%XX` (upper-case hex) and every `%` of that name becomes `%25`, so the
-//! original bytes can be recovered by undoing the `%XX` escapes. Names that are valid UTF-8
-//! are used unchanged; if an escaped name then equals another name, the duplicate-path check
-//! reports it.
+//! What libtorrent opens, we open, with the same paths: names and paths are never refused but
+//! sanitized as libtorrent does (see [`crate::core::names`]), so every component is a single
+//! safe name and no file can leave the torrent's root; colliding paths get a counter
+//! (`bar.1.txt`). `name.utf-8` / `path.utf-8` are preferred when present with the right type.
+//! [`Info::original_name`] and [`FileEntry::original`] keep what the torrent wrote when that
+//! changed it. A single-file torrent whose name sanitizes to nothing is refused (so does
+//! libtorrent); a directory name that does becomes the info-hash in hex.
+//!
+//! Trailing bytes after the top-level dictionary are ignored, as libtorrent ignores them.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use sha1::{Digest, Sha1};
 
 use crate::core::bencode::{self, BencodeError, Node, Owned};
 use crate::core::layout::{LayoutError, Lengths};
+use crate::core::names;
 
 pub use crate::core::magnet::{Magnet, MagnetError};
 
@@ -83,6 +84,9 @@ pub struct FileEntry {
     pub executable: bool,
     /// BEP 47 `attr` contains `h`.
     pub hidden: bool,
+    /// The path as the torrent wrote it (`/`-joined, invalid UTF-8 shown as U+FFFD), when
+    /// sanitizing or de-duplicating changed it; never for pad files.
+    pub original: Option<String>,
 }
 
 #[cfg(test)]
@@ -100,6 +104,7 @@ impl FileEntry {
                     pad,
                     executable: false,
                     hidden: false,
+                    original: None,
                 };
                 offset += length;
                 e
@@ -117,7 +122,10 @@ impl FileEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Info {
+    /// The sanitized name: the file of a single-file torrent, the root directory of another.
     pub name: String,
+    /// The name as the torrent wrote it, when sanitizing changed it.
+    pub original_name: Option<String>,
     pub piece_length: u32,
     pub piece_hashes: Vec<[u8; 20]>,
     /// All entries including pad files, in stream order.
@@ -132,6 +140,13 @@ impl Info {
     /// Parses a bare `info` dictionary (for example one received through BEP 9).
     pub fn from_bytes(info_bytes: &[u8]) -> Result<Info, MetainfoError> {
         parse_info(&bencode::decode(info_bytes)?)
+    }
+
+    /// The visible files whose path differs from what the torrent wrote.
+    pub fn renamed_files(&self) -> impl Iterator<Item = &FileEntry> {
+        self.visible_files()
+            .map(|(_, f)| f)
+            .filter(|f| f.original.is_some())
     }
 
     /// The files users see (no pad files), with their index in [`Info::files`].
@@ -183,6 +198,20 @@ pub enum MetainfoError {
     },
     #[error("v2-only torrents are not supported yet")]
     V2Only,
+    #[error("unknown 'meta version' {0}")]
+    UnknownMetaVersion(i64),
+    #[error("'info.file tree' without 'meta version' 2")]
+    FileTreeWithoutMetaVersion,
+    #[error("'info.file tree' {0}")]
+    BadFileTree(String),
+    #[error("piece length {0} of a v2 torrent is not a power of two of at least 16 KiB")]
+    V2PieceLength(u32),
+    #[error("the v1 and v2 file lists of this hybrid torrent disagree: {0}")]
+    HybridMismatch(String),
+    #[error("the name {0:?} is not a usable file name")]
+    UnusableName(String),
+    #[error("the torrent holds no data (its files add up to 0 bytes)")]
+    NoData,
     #[error("'info.pieces' is {0} bytes long, not a multiple of 20")]
     PiecesNotMultipleOf20(usize),
     #[error("piece length is 0")]
@@ -197,25 +226,16 @@ pub enum MetainfoError {
     LengthAndFiles,
     #[error("'info.files' is empty")]
     NoFiles,
-    #[error("file path {0} appears twice")]
-    DuplicatePath(String),
-    #[error("{0} is both a file and a directory")]
-    PathConflict(String),
     #[error("{key} has no path components")]
     EmptyPath { key: String },
-    #[error("{key}: path component {component:?} {reason}")]
-    BadPathComponent {
-        key: String,
-        component: String,
-        reason: &'static str,
-    },
     #[error("piece geometry: {0}")]
     Geometry(#[from] LayoutError),
 }
 
 impl Metainfo {
     pub fn from_bytes(bytes: &[u8]) -> Result<Metainfo, MetainfoError> {
-        let root = bencode::decode(bytes)?;
+        // Bytes after the top-level dictionary are ignored (libtorrent ignores them).
+        let (root, _) = bencode::decode_prefix(bytes)?;
         expect_kind(&root, "(top level)", "dictionary", root.as_dict().is_some())?;
         let info_node = root
             .get("info")
@@ -376,64 +396,48 @@ fn length_of(node: &Node<'_>, key: &str) -> Result<u64, MetainfoError> {
     })
 }
 
-/// Decodes a name, escaping invalid UTF-8 losslessly (see the module doc).
-pub fn decode_name(bytes: &[u8]) -> String {
-    if let Ok(s) = std::str::from_utf8(bytes) {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(bytes.len() + 8);
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '%' {
-                out.push_str("%25");
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// Where libtorrent (and BitComet, which predates BEP 47) names pad files: a file whose path
+/// contains this is a pad file even without `attr` `p`.
+const BITCOMET_PAD_MARK: &str = "_____padding_file_";
+
+/// Deepest directory nesting of a v2 `file tree` (libtorrent's limit).
+const MAX_FILE_TREE_DEPTH: usize = 100;
+
+/// libtorrent's largest piece length (`INT_MAX / 2`, headroom for its block arithmetic).
+const MAX_PIECE_LENGTH: i64 = i32::MAX as i64 / 2;
+
+/// Text for showing a name as the torrent wrote it (never used as a path).
+fn shown(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `key.utf-8` when present and valid UTF-8, else `key` (escaped if need be).
-fn name_with_utf8_variant<'a, T>(
-    dict: &Node<'a>,
-    key: &str,
-    read: impl Fn(&Node<'a>, &str) -> Result<Option<T>, MetainfoError>,
-) -> Result<Option<T>, MetainfoError> {
-    let utf8_key = format!("{key}.utf-8");
-    if let Some(n) = dict.get(&utf8_key) {
-        if let Ok(Some(s)) = read(n, &utf8_key) {
-            return Ok(Some(s));
-        }
+/// The bytes of a name: `name.utf-8` when it is a string (libtorrent prefers it as more likely
+/// to be well encoded), else `name`.
+fn raw_name<'a>(info: &Node<'a>) -> Result<&'a [u8], MetainfoError> {
+    if let Some(bytes) = info.get("name.utf-8").and_then(Node::as_bytes) {
+        return Ok(bytes);
     }
-    match dict.get(key) {
-        None => Ok(None),
-        Some(n) => read(n, key),
-    }
+    let name = info
+        .get("name")
+        .ok_or_else(|| MetainfoError::MissingKey("info.name".into()))?;
+    bytes_of(name, "info.name")
 }
 
-fn check_component(component: &str, key: &str) -> Result<(), MetainfoError> {
-    let reason = if component.is_empty() {
-        "is empty"
-    } else if component == "." || component == ".." {
-        "is a relative reference"
-    } else if component.contains('/') {
-        "contains '/'"
-    } else if component.contains('\\') {
-        "contains '\\'"
-    } else if component.contains('\0') {
-        "contains NUL"
-    } else {
-        return Ok(());
+/// The components of a file's path as written: `path.utf-8` when it is a list, else `path`.
+fn raw_path<'a>(file: &Node<'a>, key: &str) -> Result<Option<Vec<&'a [u8]>>, MetainfoError> {
+    let (list, list_key) = match file.get("path.utf-8").filter(|n| n.as_list().is_some()) {
+        Some(n) => (n, format!("{key}.path.utf-8")),
+        None => match file.get("path") {
+            Some(n) => (n, format!("{key}.path")),
+            None => return Ok(None),
+        },
     };
-    Err(MetainfoError::BadPathComponent {
-        key: key.to_string(),
-        component: component.to_string(),
-        reason,
-    })
+    let parts = list_of(list, &list_key)?;
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        out.push(bytes_of(part, &format!("{list_key}[{j}]"))?);
+    }
+    Ok(Some(out))
 }
 
 fn attributes(dict: &Node<'_>, key: &str) -> Result<(bool, bool, bool), MetainfoError> {
@@ -453,11 +457,21 @@ fn attributes(dict: &Node<'_>, key: &str) -> Result<(bool, bool, bool), Metainfo
 fn parse_info(info: &Node<'_>) -> Result<Info, MetainfoError> {
     expect_kind(info, "info", "dictionary", info.as_dict().is_some())?;
 
-    let name = name_with_utf8_variant(info, "name", |n, k| {
-        Ok(Some(decode_name(bytes_of(n, &format!("info.{k}"))?)))
-    })?
-    .ok_or_else(|| MetainfoError::MissingKey("info.name".into()))?;
-    check_component(&name, "info.name")?;
+    // BEP 52: `meta version` 2 with a `file tree` is v2; with `pieces` as well, a hybrid.
+    let version = info.get("meta version").and_then(Node::as_int);
+    if let Some(v) = version.filter(|&v| v > 2) {
+        return Err(MetainfoError::UnknownMetaVersion(v));
+    }
+    let v2 = version == Some(2);
+    let file_tree = info.get("file tree").filter(|n| n.as_dict().is_some());
+    match (v2, file_tree) {
+        (true, None) => return Err(MetainfoError::MissingKey("info.file tree".into())),
+        (false, Some(_)) => return Err(MetainfoError::FileTreeWithoutMetaVersion),
+        _ => {}
+    }
+
+    let raw_name = raw_name(info)?;
+    let sanitized_name = names::sanitize_component(raw_name);
 
     let piece_length = info
         .get("piece length")
@@ -471,20 +485,17 @@ fn parse_info(info: &Node<'_>) -> Result<Info, MetainfoError> {
                 value: n,
             })
         }
+        n if n > MAX_PIECE_LENGTH => return Err(MetainfoError::PieceLengthTooLarge(n)),
         n => u32::try_from(n).map_err(|_| MetainfoError::PieceLengthTooLarge(n))?,
     };
+    if v2 && (piece_length < 16 * 1024 || !piece_length.is_power_of_two()) {
+        return Err(MetainfoError::V2PieceLength(piece_length));
+    }
 
     let pieces = match info.get("pieces") {
         Some(p) => bytes_of(p, "info.pieces")?,
-        None => {
-            let v2 = info.get("meta version").and_then(Node::as_int) == Some(2)
-                || info.get("file tree").is_some();
-            return Err(if v2 {
-                MetainfoError::V2Only
-            } else {
-                MetainfoError::MissingKey("info.pieces".into())
-            });
-        }
+        None if v2 => return Err(MetainfoError::V2Only),
+        None => return Err(MetainfoError::MissingKey("info.pieces".into())),
     };
     if !pieces.len().is_multiple_of(20) {
         return Err(MetainfoError::PiecesNotMultipleOf20(pieces.len()));
@@ -503,9 +514,14 @@ fn parse_info(info: &Node<'_>) -> Result<Info, MetainfoError> {
         Some(n) => int_of(n, "info.private")? == 1,
     };
 
-    let (files, multi_file) = match (info.get("length"), info.get("files")) {
+    let (name, mut files, multi_file) = match (info.get("length"), info.get("files")) {
         (Some(_), Some(_)) => return Err(MetainfoError::LengthAndFiles),
         (Some(length), None) => {
+            // The name is the file's own name here, so there is nothing to fall back on.
+            let name = match sanitized_name {
+                Some(name) if !raw_name.is_empty() => name,
+                _ => return Err(MetainfoError::UnusableName(shown(raw_name))),
+            };
             let length = length_of(length, "info.length")?;
             let (_, executable, hidden) = attributes(info, "info.attr")?;
             let entry = FileEntry {
@@ -515,21 +531,39 @@ fn parse_info(info: &Node<'_>) -> Result<Info, MetainfoError> {
                 pad: false,
                 executable,
                 hidden,
+                original: None,
             };
-            (vec![entry], false)
+            (name, vec![entry], false)
         }
-        (None, Some(list)) => (parse_files(list)?, true),
+        (None, Some(list)) => {
+            // A directory name made of nothing usable: libtorrent names it by the info-hash.
+            let name = sanitized_name.unwrap_or_else(|| InfoHash::of_info(info.raw).to_hex());
+            (name, parse_files(list)?, true)
+        }
         (None, None) => {
             return Err(MetainfoError::MissingKey(
                 "info.length or info.files".into(),
             ))
         }
     };
+    let original_name = Some(shown(raw_name)).filter(|raw| *raw != name);
+    if !multi_file {
+        files[0].original.clone_from(&original_name);
+    }
 
     let total = files.last().map_or(0, |f| f.offset + f.length);
     let lengths = Lengths::new(total, piece_length, piece_hashes.len() as u64)?;
+    if total == 0 {
+        return Err(MetainfoError::NoData);
+    }
+    if let Some(tree) = file_tree {
+        check_hybrid(&name, multi_file, &files, tree, piece_length)?;
+    }
+    // After the hybrid check, which (as libtorrent's) compares paths before de-duplication.
+    resolve_duplicates(&mut files);
     Ok(Info {
         name,
+        original_name,
         piece_length,
         piece_hashes,
         files,
@@ -560,24 +594,24 @@ fn parse_files(list: &Node<'_>) -> Result<Vec<FileEntry>, MetainfoError> {
             None if symlink => 0,
             None => return Err(MetainfoError::MissingKey(format!("{key}.length"))),
         };
-        let path = name_with_utf8_variant(item, "path", |n, k| {
-            let parts = list_of(n, &format!("{key}.{k}"))?;
-            let mut out = Vec::with_capacity(parts.len());
-            for (j, part) in parts.iter().enumerate() {
-                out.push(decode_name(bytes_of(part, &format!("{key}.{k}[{j}]"))?));
-            }
-            Ok(Some(out))
-        })?
-        .ok_or_else(|| MetainfoError::MissingKey(format!("{key}.path")))?;
-        if !pad {
-            if path.is_empty() {
-                return Err(MetainfoError::EmptyPath { key });
-            }
-            for c in &path {
-                check_component(c, &format!("{key}.path"))?;
-            }
+        let raw = raw_path(item, &key)?;
+        if raw.is_none() && !pad {
+            return Err(MetainfoError::MissingKey(format!("{key}.path")));
         }
+        let raw = raw.unwrap_or_default();
+        let (path, original) = if !raw.is_empty() {
+            let path = names::sanitize_path(raw.iter().copied());
+            let written: Vec<String> = raw.iter().map(|c| shown(c)).collect();
+            (path, Some(written.join("/")))
+        } else if pad {
+            // libtorrent's name for a pad file without a path.
+            (vec![".pad".to_string(), length.to_string()], None)
+        } else {
+            return Err(MetainfoError::EmptyPath { key });
+        };
+        let pad = pad || path.iter().any(|c| c.contains(BITCOMET_PAD_MARK));
         files.push(FileEntry {
+            original: original.filter(|o| !pad && *o != path.join("/")),
             path,
             length,
             offset,
@@ -589,26 +623,168 @@ fn parse_files(list: &Node<'_>) -> Result<Vec<FileEntry>, MetainfoError> {
             .checked_add(length)
             .ok_or(MetainfoError::LengthOverflow)?;
     }
-    check_tree(&files)?;
     Ok(files)
 }
 
-/// No two visible files may share a path, and no file may also be a directory of another.
-fn check_tree(files: &[FileEntry]) -> Result<(), MetainfoError> {
-    let mut paths: HashSet<&[String]> = HashSet::new();
-    let mut dirs: HashSet<&[String]> = HashSet::new();
-    for f in files.iter().filter(|f| !f.pad) {
-        if !paths.insert(&f.path) {
-            return Err(MetainfoError::DuplicatePath(f.display_path()));
-        }
-        for end in 1..f.path.len() {
-            dirs.insert(&f.path[..end]);
+/// Renames files whose paths collide (see [`names::resolve_duplicates`]), remembering what the
+/// torrent called them.
+fn resolve_duplicates(files: &mut [FileEntry]) {
+    let mut paths: Vec<Vec<String>> = files.iter().map(|f| f.path.clone()).collect();
+    let pad_lengths: Vec<Option<u64>> = files.iter().map(|f| f.pad.then_some(f.length)).collect();
+    for i in names::resolve_duplicates(&mut paths, &pad_lengths) {
+        let file = &mut files[i];
+        let before = std::mem::replace(&mut file.path, std::mem::take(&mut paths[i]));
+        if !file.pad && file.original.is_none() {
+            file.original = Some(before.join("/"));
         }
     }
-    match paths.iter().find(|p| dirs.contains(*p)) {
-        Some(p) => Err(MetainfoError::PathConflict(p.join("/"))),
-        None => Ok(()),
+}
+
+/// A file of a v2 `file tree` as libtorrent lists it: full path (with the torrent's name for a
+/// multi-file torrent) and length; `None` for the pad that aligns the next file to a piece.
+type TreeFile = (Option<String>, u64);
+
+/// libtorrent reads a hybrid torrent's files from its v2 `file tree` and refuses it unless the
+/// v1 `files` say the same: same number of entries (v2 pads every file to a piece boundary),
+/// same total, and the same path, length and offset for every non-empty file that is not a pad.
+fn check_hybrid(
+    name: &str,
+    multi_file: bool,
+    v1: &[FileEntry],
+    tree: &Node<'_>,
+    piece_length: u32,
+) -> Result<(), MetainfoError> {
+    let mut listed = Vec::new();
+    walk_file_tree(tree, name, multi_file, 0, &mut listed)?;
+    let piece_length = u64::from(piece_length);
+    let mut v2: Vec<(TreeFile, u64)> = Vec::with_capacity(listed.len() * 2);
+    let mut total: u64 = 0;
+    for (path, length) in listed {
+        v2.push(((path, length), total));
+        total = total
+            .checked_add(length)
+            .ok_or(MetainfoError::LengthOverflow)?;
+        if length > 0 && !total.is_multiple_of(piece_length) {
+            let pad = piece_length - total % piece_length;
+            v2.push(((None, pad), total));
+            total += pad;
+        }
     }
+    // Hybrids from libtorrent before 2.0.8 have no pad after the last file.
+    if v2.len() == v1.len() + 1 {
+        if let Some(last) = v2.iter().rposition(|((_, length), _)| *length > 0) {
+            if v2[last].0 .0.is_none() {
+                let ((_, pad), _) = v2.remove(last);
+                total -= pad;
+                for entry in &mut v2[last..] {
+                    entry.1 = total;
+                }
+            }
+        }
+    }
+    let mismatch = |what: String| Err(MetainfoError::HybridMismatch(what));
+    if v2.len() != v1.len() {
+        return mismatch(format!("{} v1 files, {} in v2", v1.len(), v2.len()));
+    }
+    let v1_total = v1.last().map_or(0, |f| f.offset + f.length);
+    if total != v1_total {
+        return mismatch(format!("{v1_total} bytes in v1, {total} in v2"));
+    }
+    for (f1, ((path2, length2), offset2)) in v1.iter().zip(&v2) {
+        let relevant1 = !f1.pad && f1.length > 0;
+        let relevant2 = path2.is_some() && *length2 > 0;
+        let path1 = if multi_file {
+            format!("{name}/{}", f1.display_path())
+        } else {
+            name.to_string()
+        };
+        if relevant1 != relevant2
+            || relevant1
+                && (path2.as_deref() != Some(path1.as_str())
+                    || f1.length != *length2
+                    || f1.offset != *offset2)
+        {
+            return mismatch(format!(
+                "v1 has {path1} ({} bytes at {}), v2 {} ({length2} bytes at {offset2})",
+                f1.length,
+                f1.offset,
+                path2.as_deref().unwrap_or("a pad"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Lists the files of a v2 `file tree` in order, named as libtorrent names them.
+fn walk_file_tree(
+    tree: &Node<'_>,
+    dir: &str,
+    has_files: bool,
+    depth: usize,
+    out: &mut Vec<TreeFile>,
+) -> Result<(), MetainfoError> {
+    let bad = |why: &str| MetainfoError::BadFileTree(why.to_string());
+    let entries = tree
+        .as_dict()
+        .ok_or_else(|| bad("has a directory that is not a dictionary"))?;
+    if depth > MAX_FILE_TREE_DEPTH {
+        return Err(bad("is nested too deep"));
+    }
+    for (key, node) in entries {
+        let children = node
+            .as_dict()
+            .filter(|_| !key.is_empty())
+            .ok_or_else(|| bad("has an entry that is not a named dictionary"))?;
+        let leaf = children.len() == 1 && children[0].0.is_empty();
+        // A lone file at the top of a tree without v1 `files` is the torrent itself, not a
+        // file in its directory.
+        let single = leaf && depth == 0 && !has_files && entries.len() == 1;
+        let mut path = if single {
+            String::new()
+        } else {
+            dir.to_string()
+        };
+        if let Some(component) = names::sanitize_component(key) {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(&component);
+        }
+        if !leaf {
+            walk_file_tree(node, &path, true, depth + 1, out)?;
+            continue;
+        }
+        let file = &children[0].1;
+        expect_kind(
+            file,
+            "info.file tree",
+            "dictionary",
+            file.as_dict().is_some(),
+        )?;
+        let attr = file
+            .get("attr")
+            .and_then(Node::as_bytes)
+            .unwrap_or_default();
+        if attr.contains(&b'p') {
+            return Err(bad("lists a pad file"));
+        }
+        let length = if attr.contains(&b'l') {
+            0
+        } else {
+            let n = file.get("length").ok_or_else(|| {
+                MetainfoError::MissingKey(format!("info.file tree: {path}: length"))
+            })?;
+            length_of(n, &format!("info.file tree: {path}: length"))?
+        };
+        if length > 0 {
+            let root = file.get("pieces root").and_then(Node::as_bytes);
+            if !root.is_some_and(|r| r.len() == 32 && r.iter().any(|&b| b != 0)) {
+                return Err(bad("has a file without a 'pieces root'"));
+            }
+        }
+        out.push((Some(path), length));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -903,27 +1079,173 @@ mod tests {
     }
 
     #[test]
-    fn names_prefer_utf8_variant_and_escape_invalid_bytes() {
+    fn names_prefer_utf8_variants_and_replace_invalid_bytes() {
         let mut bytes = b"d4:infod5:filesld6:lengthi1e4:pathl2:\xff%ee".to_vec();
         bytes.extend_from_slice(b"d6:lengthi1e4:pathl1:qe10:path.utf-8l3:\xc3\xa9teee");
-        bytes.extend_from_slice(b"4:name2:\xfe\xfe10:name.utf-84:r\xc3\xa9s");
+        bytes.extend_from_slice(b"4:name2:ok10:name.utf-82:\xfe\xfe");
         bytes.extend_from_slice(b"12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee");
         let m = Metainfo::from_bytes(&bytes).unwrap();
-        assert_eq!(m.info.name, "rés");
-        assert_eq!(m.info.files[0].path, ["%FF%25"]);
+        // libtorrent takes `name.utf-8` whenever it is a string, well encoded or not.
+        assert_eq!(m.info.name, "__");
+        assert_eq!(m.info.original_name.as_deref(), Some("\u{fffd}\u{fffd}"));
+        assert_eq!(m.info.files[0].path, ["_%"]);
+        assert_eq!(m.info.files[0].original.as_deref(), Some("\u{fffd}%"));
         assert_eq!(m.info.files[1].path, ["ét"]);
-        assert_eq!(decode_name(b"a%b"), "a%b");
-        assert_eq!(decode_name(b"a\x80%"), "a%80%25");
+        assert_eq!(m.info.files[1].original, None);
+    }
+
+    /// A multi-file torrent of 1-byte files at these raw paths, named `name`.
+    fn with_paths(name: &[u8], paths: &[&[&[u8]]], trailer: &[u8]) -> Vec<u8> {
+        let mut files = b"l".to_vec();
+        for path in paths {
+            files.extend_from_slice(b"d6:lengthi1e4:pathl");
+            for c in *path {
+                files.extend_from_slice(format!("{}:", c.len()).as_bytes());
+                files.extend_from_slice(c);
+            }
+            files.extend_from_slice(b"ee");
+        }
+        files.push(b'e');
+        let mut out = b"d4:infod5:files".to_vec();
+        out.extend_from_slice(&files);
+        out.extend_from_slice(format!("4:name{}:", name.len()).as_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(b"12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee");
+        out.extend_from_slice(trailer);
+        out
+    }
+
+    fn paths_of(m: &Metainfo) -> Vec<String> {
+        m.info.files.iter().map(FileEntry::display_path).collect()
+    }
+
+    #[test]
+    fn unsafe_paths_are_sanitized_inside_the_root() {
+        let m = Metainfo::from_bytes(&with_paths(
+            b"/root",
+            &[
+                &[b"..", b"..", b"etc", b"passwd"],
+                &[b"", b"b"],
+                &[b"a/b"],
+                &[b"..\\c"],
+                &[b".", b".."],
+                &[b"ab"],
+                &[b"x\x01y"],
+            ],
+            b"",
+        ))
+        .unwrap();
+        assert_eq!(m.info.name, "root");
+        assert_eq!(m.info.original_name.as_deref(), Some("/root"));
+        assert_eq!(
+            paths_of(&m),
+            // `./..` leaves `_`, taken by the directory `_`.
+            ["etc/passwd", "_/b", "ab", "..c", "_.1", "ab.1", "x_y"]
+        );
+        let originals: Vec<Option<&str>> =
+            m.info.files.iter().map(|f| f.original.as_deref()).collect();
+        assert_eq!(
+            originals,
+            [
+                Some("../../etc/passwd"),
+                Some("/b"),
+                Some("a/b"),
+                Some("..\\c"),
+                Some("./.."),
+                Some("ab"),
+                Some("x\u{1}y"),
+            ]
+        );
+        assert_eq!(m.info.renamed_files().count(), 7);
+        for f in &m.info.files {
+            assert!(f
+                .path
+                .iter()
+                .all(|c| !c.is_empty() && c != "." && c != ".."));
+            assert!(f.path.iter().all(|c| !c.contains(['/', '\\', '\0'])));
+        }
+    }
+
+    #[test]
+    fn duplicate_paths_are_numbered_not_refused() {
+        let m = Metainfo::from_bytes(&with_paths(
+            b"r",
+            &[
+                &[b"bar.txt"],
+                &[b"bar.txt"],
+                &[b"a"],
+                &[b"a", b"b"],
+                &[b"BAR.txt"],
+            ],
+            b"",
+        ))
+        .unwrap();
+        assert_eq!(
+            paths_of(&m),
+            ["bar.txt", "bar.1.txt", "a.1", "a/b", "BAR.2.txt"]
+        );
+        assert_eq!(m.info.files[1].original.as_deref(), Some("bar.txt"));
+        assert_eq!(m.info.files[0].original, None);
+    }
+
+    #[test]
+    fn a_directory_name_of_nothing_becomes_the_info_hash() {
+        for name in [&b".."[..], b".", b"/"] {
+            let m = Metainfo::from_bytes(&with_paths(name, &[&[b"f"]], b"")).unwrap();
+            assert_eq!(m.info.name, m.info_hash.to_hex());
+            assert_eq!(
+                m.info.original_name.as_deref(),
+                Some(&*String::from_utf8_lossy(name))
+            );
+        }
+        // An empty component (the name included) is `_`, as in libtorrent.
+        let m = Metainfo::from_bytes(&with_paths(b"", &[&[b"f"]], b"")).unwrap();
+        assert_eq!(m.info.name, "_");
+    }
+
+    #[test]
+    fn bitcomet_pads_and_pads_without_paths_are_hidden() {
+        let mark = b"_____padding_file_0_if you see this file, please update to BitComet 0.85 or above____";
+        let m = Metainfo::from_bytes(&with_paths(b"r", &[&[b"a"], &[mark], &[b"d", mark]], b""))
+            .unwrap();
+        let pads: Vec<bool> = m.info.files.iter().map(|f| f.pad).collect();
+        assert_eq!(pads, [false, true, true]);
+        assert_eq!(m.info.visible_files().count(), 1);
+
+        let bytes = b"d4:infod5:filesld6:lengthi5e4:pathl1:aeed4:attr1:p6:lengthi3eee4:name1:r12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee";
+        let m = Metainfo::from_bytes(bytes).unwrap();
+        assert_eq!(m.info.files[1].path, [".pad", "3"]);
+        assert!(m.info.files[1].pad);
+    }
+
+    #[test]
+    fn bytes_after_the_torrent_are_ignored() {
+        let clean = with_paths(b"r", &[&[b"a"]], b"");
+        let m = Metainfo::from_bytes(&with_paths(b"r", &[&[b"a"]], b"\x00garbage e")).unwrap();
+        assert_eq!(m, Metainfo::from_bytes(&clean).unwrap());
+        // A bare info dictionary (BEP 9) must still be exactly one value: it is hashed whole.
+        assert!(Info::from_bytes(&[&m.info_bytes[..], b"x"].concat()).is_err());
+    }
+
+    /// A single-file hybrid: v1 `name`/`length` 5 and a v2 tree of one file `tree_name`.
+    fn hybrid_single(name: &str, tree_name: &str, tree_length: u64, piece_length: u32) -> Vec<u8> {
+        format!(
+            "d4:infod9:file treed{}:{tree_name}d0:d6:lengthi{tree_length}e11:pieces root32:{}eee6:lengthi5e12:meta versioni2e4:name{}:{name}12:piece lengthi{piece_length}e6:pieces20:{}ee",
+            tree_name.len(),
+            "r".repeat(32),
+            name.len(),
+            "p".repeat(20)
+        )
+        .into_bytes()
     }
 
     #[test]
     fn announce_list_falls_back_to_announce() {
         let m = Metainfo::from_bytes(
-            b"d8:announce4:http13:announce-listle4:infod6:lengthi0e4:name1:x12:piece lengthi1e6:pieces0:ee",
+            b"d8:announce4:http13:announce-listle4:infod6:lengthi1e4:name1:x12:piece lengthi1e6:pieces20:aaaaaaaaaaaaaaaaaaaaee",
         )
         .unwrap();
         assert_eq!(m.trackers(), vec![vec!["http".to_string()]]);
-        assert_eq!(m.info.lengths.piece_count(), 0);
     }
 
     type Check = fn(&MetainfoError) -> bool;
@@ -962,9 +1284,6 @@ mod tests {
             }),
             ("huge length prefix", b"d4:infod4:name18446744073709551615:".to_vec(), |e| {
                 matches!(e, E::Bencode(BencodeError::IntegerOverflow(_)))
-            }),
-            ("trailing data", [single("x", "i5e", "i16384e", 20), b"x".to_vec()].concat(), |e| {
-                matches!(e, E::Bencode(BencodeError::TrailingData(_)))
             }),
             ("top level list", b"le".to_vec(), |e| matches!(e, E::WrongType { .. })),
             ("no info", b"d8:announce1:xe".to_vec(), |e| matches!(e, E::MissingKey(k) if k == "info")),
@@ -1037,36 +1356,36 @@ mod tests {
             ("empty path", with_files("ld6:lengthi1e4:pathleee", "", 1), |e| {
                 matches!(e, E::EmptyPath { .. })
             }),
-            ("empty component", with_files("ld6:lengthi1e4:pathl0:eee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { reason: "is empty", .. })
+            ("dotdot single-file name", single("..", "i5e", "i16384e", 20), |e| {
+                matches!(e, E::UnusableName(n) if n == "..")
             }),
-            ("dot component", with_files("ld6:lengthi1e4:pathl1:.1:aeee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { reason: "is a relative reference", .. })
+            ("empty single-file name", single("", "i5e", "i16384e", 20), |e| {
+                matches!(e, E::UnusableName(n) if n.is_empty())
             }),
-            ("dotdot component", with_files("ld6:lengthi1e4:pathl2:..6:passwdeee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { component, .. } if component == "..")
+            ("no data", single("x", "i0e", "i16384e", 0), |e| matches!(e, E::NoData)),
+            ("no data in files", with_files("ld6:lengthi0e4:pathl1:aeee", "", 0), |e| {
+                matches!(e, E::NoData)
             }),
-            ("slash in component", with_files("ld6:lengthi1e4:pathl3:a/beee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { reason: "contains '/'", .. })
+            ("piece length above libtorrent's", single("x", "i5e", "i1073741824e", 20), |e| {
+                matches!(e, E::PieceLengthTooLarge(1_073_741_824))
             }),
-            ("backslash in component", with_files("ld6:lengthi1e4:pathl4:..\\aeee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { reason: "contains '\\'", .. })
+            ("meta version 3", with_files(&format!("l{ok_file}e"), "12:meta versioni3e", 1), |e| {
+                matches!(e, E::UnknownMetaVersion(3))
             }),
-            ("nul in component", with_files("ld6:lengthi1e4:pathl3:a\0beee", "", 1), |e| {
-                matches!(e, E::BadPathComponent { reason: "contains NUL", .. })
+            ("file tree without meta version", with_files(&format!("l{ok_file}e"), "9:file treede", 1), |e| {
+                matches!(e, E::FileTreeWithoutMetaVersion)
             }),
-            ("dotdot name", single("..", "i5e", "i16384e", 20), |e| {
-                matches!(e, E::BadPathComponent { key, .. } if key == "info.name")
+            ("meta version 2 without file tree", with_files(&format!("l{ok_file}e"), "12:meta versioni2e", 1), |e| {
+                matches!(e, E::MissingKey(k) if k == "info.file tree")
             }),
-            ("slash name", single("/etc", "i5e", "i16384e", 20), |e| {
-                matches!(e, E::BadPathComponent { key, .. } if key == "info.name")
+            ("v2 piece length not a power of two", hybrid_single("x", "x", 5, 16385), |e| {
+                matches!(e, E::V2PieceLength(16385))
             }),
-            ("duplicate path", with_files(&format!("l{ok_file}{ok_file}e"), "", 1), |e| {
-                matches!(e, E::DuplicatePath(p) if p == "a")
+            ("hybrid names disagree", hybrid_single("x", "y", 5, 16384), |e| {
+                matches!(e, E::HybridMismatch(_))
             }),
-            ("file is also a directory", with_files(
-                "ld6:lengthi1e4:pathl1:aeed6:lengthi1e4:pathl1:a1:beee", "", 1), |e| {
-                matches!(e, E::PathConflict(p) if p == "a")
+            ("hybrid lengths disagree", hybrid_single("x", "x", 6, 16384), |e| {
+                matches!(e, E::HybridMismatch(_))
             }),
             ("duplicate key", b"d4:infod4:name1:x4:name1:yee".to_vec(), |e| {
                 matches!(e, E::Bencode(BencodeError::DuplicateKey { .. }))

@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod metainfo;
 #[cfg(test)]
 pub(crate) mod mutate;
+pub mod names;
 pub mod peer_proto;
 pub mod pex;
 pub mod picker;

@@ -321,6 +321,7 @@ mod tests {
         };
         Info {
             name: "t".into(),
+            original_name: None,
             piece_length,
             piece_hashes: hashes,
             files,

@@ -155,8 +155,8 @@ impl InodeTable {
     /// The mount root (ino 1) holds the torrent's `name`: the file of a single-file torrent or the
     /// directory of a multi-file one. Pad files are never shown. Entries whose path is unusable
     /// (an invalid component, or a conflict with an earlier entry: the same path, or a file where
-    /// a directory is needed) are skipped with a warning; metainfo validation normally rejects
-    /// them before this.
+    /// a directory is needed) are skipped with a warning; metainfo parsing sanitizes and
+    /// de-duplicates paths, so they do not occur for a parsed torrent.
     pub fn new(info: &Info) -> InodeTable {
         let mut drafts = Drafts::new();
         if !valid_component(&info.name) {
@@ -350,6 +350,7 @@ mod tests {
         let lengths = Lengths::from_total(total, PIECE).unwrap();
         Info {
             name: name.to_owned(),
+            original_name: None,
             piece_length: PIECE,
             piece_hashes: vec![[0; 20]; lengths.piece_count() as usize],
             files,
@@ -367,6 +368,7 @@ mod tests {
             pad: false,
             executable: false,
             hidden: false,
+            original: None,
         }
     }
 
