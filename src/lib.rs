@@ -3,10 +3,10 @@
 //! Layers, imports pointing one way only: `core` <- `net` / `disk` <- `engine` <- `fuse` <- `cli`
 //! / `main.rs`.
 //! - `core`: pure logic (metainfo, with `names` sanitizing torrent names as libtorrent does,
-//!   geometry and file layout, wire codec, the per-peer protocol state machine `peer_proto`, picker, choker, cache, the `metadata` (BEP 9) and `pex`
-//!   (BEP 11) extensions, HTTP and UDP tracker messages, the mainline DHT: `krpc` messages,
-//!   `routing` k-buckets and `dht`, the node as a state machine); no I/O, no clock (time is a
-//!   parameter).
+//!   geometry and file layout, wire codec, the per-peer protocol state machine `peer_proto`,
+//!   picker, choker, cache, the `metadata` (BEP 9) and `pex` (BEP 11) extensions, HTTP and UDP
+//!   tracker messages, the mainline DHT: `krpc` messages, `routing` k-buckets and `dht`, the node
+//!   as a state machine); no I/O, no clock (time is a parameter).
 //! - `net`: sockets over the core codecs (peer connections over any byte stream, HTTP and UDP
 //!   tracker clients, the built-in tracker, the DHT node's UDP socket task `dht`).
 //! - `disk`: piece reads and writes under `--data-dir` on blocking threads, one handle per file.

@@ -72,10 +72,16 @@ pub fn torrent_json(m: &Metainfo) -> serde_json::Value {
     let files: Vec<_> = m
         .info
         .visible_files()
-        .map(|(_, f)| json!({ "path": f.display_path(), "length": f.length }))
+        .map(|(_, f)| match &f.original {
+            Some(original) => {
+                json!({ "path": f.display_path(), "length": f.length, "original": original })
+            }
+            None => json!({ "path": f.display_path(), "length": f.length }),
+        })
         .collect();
     json!({
         "name": m.info.name,
+        "original_name": m.info.original_name,
         "info_hash": m.info_hash.to_hex(),
         "total_size": m.info.total_length(),
         "piece_length": m.info.piece_length,
@@ -95,6 +101,9 @@ pub fn torrent_text(m: &Metainfo) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: String| out.push_str(&format!("{label:<14}{value}\n"));
     line("name:", m.info.name.clone());
+    if let Some(original) = &m.info.original_name {
+        line("", format!("(sanitized from {original:?})"));
+    }
     line("info-hash:", m.info_hash.to_hex());
     line(
         "total size:",
@@ -141,6 +150,15 @@ pub fn torrent_text(m: &Metainfo) -> String {
             format_size(f.length),
             f.display_path()
         ));
+    }
+    // Names are sanitized as libtorrent does; say which, so nobody looks for the written ones.
+    let renamed: Vec<_> = m.info.renamed_files().collect();
+    if !renamed.is_empty() {
+        out.push_str(&format!("sanitized names ({}):\n", renamed.len()));
+        for f in renamed {
+            let original = f.original.as_deref().unwrap_or_default();
+            out.push_str(&format!("  {original:?} -> {}\n", f.display_path()));
+        }
     }
     out
 }
@@ -197,6 +215,27 @@ fn format_unix_time(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_and_json_say_which_names_were_sanitized() {
+        let bytes = b"d4:infod5:filesld6:lengthi1e4:pathl2:..1:xeed6:lengthi1e4:pathl1:yeee4:name3:/up12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee";
+        let m = Metainfo::from_bytes(bytes).unwrap();
+        let text = torrent_text(&m);
+        assert!(text.contains("name:         up\n"), "{text}");
+        assert!(text.contains("(sanitized from \"/up\")"), "{text}");
+        assert!(
+            text.contains("sanitized names (1):\n  \"../x\" -> x\n"),
+            "{text}"
+        );
+        let json = torrent_json(&m);
+        assert_eq!(json["original_name"], "/up");
+        assert_eq!(json["files"][0]["original"], "../x");
+        assert_eq!(json["files"][1].get("original"), None);
+        let clean = b"d4:infod5:filesld6:lengthi1e4:pathl2:zz1:xeed6:lengthi1e4:pathl1:yeee4:name3:upp12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee";
+        let clean = Metainfo::from_bytes(clean).unwrap();
+        assert!(!torrent_text(&clean).contains("sanitized"));
+        assert!(torrent_json(&clean)["original_name"].is_null());
+    }
 
     #[test]
     fn formats_dates() {
