@@ -6,8 +6,8 @@
 //! One component (a name, or one element of a `path` list) is cleaned byte by byte:
 //! - `.` and `..` are dropped, and so is anything that is nothing but filtered characters;
 //! - an empty component becomes `_`;
-//! - `/`, `\` and the Unicode direction overrides (U+202A..U+202E, U+200E, U+200F, which make
-//!   `exe.avi` of `iva.exe`) are removed;
+//! - `/`, `\`, NUL and the Unicode direction overrides (U+202A..U+202E, U+200E, U+200F, which
+//!   make `exe.avi` of `iva.exe`) are removed (NUL by a quirk of libtorrent's `strchr` test);
 //! - control characters (below U+0020) and each invalid UTF-8 sequence become `_`;
 //! - past 240 bytes the rest is cut, keeping an extension of up to 9 bytes.
 //!
@@ -95,7 +95,7 @@ pub fn sanitize_path<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<St
 }
 
 fn is_removed(c: u32) -> bool {
-    c == u32::from(b'/') || c == u32::from(b'\\') || DIRECTION_OVERRIDES.contains(&c)
+    c == 0 || c == u32::from(b'/') || c == u32::from(b'\\') || DIRECTION_OVERRIDES.contains(&c)
 }
 
 /// libtorrent's UTF-8 reader: `(code point, bytes taken)`, `None` for an invalid sequence. Its
@@ -206,7 +206,8 @@ mod tests {
     #[test]
     fn relative_references_and_empty_leftovers_are_dropped() {
         for dropped in [
-            &b"."[..],
+            &b"\0"[..],
+            b".",
             b"..",
             b"/",
             b"\\\\",
@@ -243,7 +244,7 @@ mod tests {
     fn control_characters_and_invalid_utf8_become_underscores() {
         let cases: &[(&[u8], &str)] = &[
             (b"\x01x", "_x"),
-            (b"a\0b", "a_b"),
+            (b"a\0b", "ab"),
             (b".\x01", "._"),
             (b"\x01", "_"),
             (b"a\x7fb", "a\x7fb"),
