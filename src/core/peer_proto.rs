@@ -14,28 +14,49 @@
 //!   still arrive and is then accepted; a block in neither is a protocol violation.
 //!   `cancelled` is bounded (oldest forgotten first), so a peer that chokes us with requests
 //!   outstanding any number of times cannot grow it, and `requested` is never cleared wholesale.
+//!   A block re-requested after we cancelled it is in both sets: the peer may send it twice
+//!   (once for the cancelled request it had already served, once for the new one).
 //! - Fast-extension facts (their allowed-fast pieces), the extension handshake, rate samples.
+//!
+//! # Requests sized to the path
+//! Each request remembers when it was sent and how many were in flight ahead of it. When its
+//! block arrives, its latency minus the time those ahead took at the peer's rate is one sample
+//! of the round trip (`PathEstimate`). The queue target is the bandwidth-delay product that
+//! estimate gives, doubled because the pipeline is topped up only once half of it drained, plus
+//! `QUEUE_SLACK` (`queue_depth`): a slow far peer gets a shallow queue, so what we ask of it
+//! later (a read) does not wait behind seconds of bulk requests; a fast near one a deep queue.
+//! When a read waits (`Command::ReadWaiting`), requests beyond the bandwidth-delay product are
+//! cancelled (BEP 3 cancel; a BEP 6 reject of a cancelled request is accepted quietly) so the
+//! read's blocks go out next instead of behind them.
 //!
 //! # Extensions (BEP 10)
 //! `PeerConfig::extensions` names the extensions we offer; they get local ids 1, 2, ... in our
 //! handshake. A message for one of them comes out as `Action::Extended { name, .. }`;
 //! `Command::SendExtended` sends one with the id the peer chose. New extensions plug in by name.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
+use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex, BLOCK_SIZE};
 use crate::core::wire::{BlockRequest, ExtendedHandshake, Message, MAX_REQUEST_LEN};
 
 /// A peer that sends nothing at all (not even keep-alives) for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 /// We send a keep-alive after this long without sending anything.
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(90);
-/// Requests kept in flight to one peer: a quarter second of its rate, within these bounds.
-pub const MIN_QUEUE: usize = 64;
+/// Requests kept in flight to a peer before anything is known of its path.
+pub const INITIAL_QUEUE: usize = 64;
+/// Bounds of the queue target once the path is estimated. The ceiling stays below what other
+/// clients accept from one peer (libtorrent: 500 by default; our own upload queue: 16 MiB).
+pub const MIN_QUEUE: usize = 4;
 pub const MAX_QUEUE: usize = 512;
+/// Time added to twice the round trip in the queue target: covers the tick between rate
+/// updates and the engine's own latency.
+pub const QUEUE_SLACK: Duration = Duration::from_millis(20);
+/// Round-trip samples are capped here (a peer that stalls is not a long path).
+const MAX_RTT: Duration = Duration::from_secs(5);
 /// Cancelled-but-may-still-arrive requests remembered per peer (oldest forgotten first).
 pub const MAX_CANCELLED: usize = 4 * MAX_QUEUE;
 /// Allowed-fast pieces remembered per peer.
@@ -87,6 +108,13 @@ pub enum Command {
     Fill,
     /// The blocks the picker chose in answer to `Action::WantBlocks`.
     Picked(Vec<BlockRef>),
+    /// A read waits for these pieces, whose blocks are not all requested; `share` is about this
+    /// peer's part of them. If the peer has one, requests beyond its bandwidth-delay product
+    /// are cancelled to make room and the picker is asked for blocks at once.
+    ReadWaiting {
+        pieces: Vec<u32>,
+        share: usize,
+    },
     /// The data for an `Action::Upload` is not available (evicted, or our send queue is full).
     UploadUnavailable(BlockRequest),
     /// Send an extension message, if the peer supports the extension.
@@ -126,6 +154,8 @@ pub enum Action {
     },
     /// The peer will not send this block (fast extension).
     Rejected(BlockRef),
+    /// We cancelled these requests to make room for a read's: the picker releases them.
+    Withdrawn(Vec<BlockRef>),
     /// Ask the picker for up to this many blocks; answer with `Command::Picked`.
     WantBlocks(usize),
     /// A message of an extension we offered.
@@ -153,12 +183,13 @@ pub struct PeerProto {
     lacking: u32,
     /// A bitfield, have-all, have-none or have was received.
     availability_known: bool,
-    requested: HashSet<BlockRef>,
+    requested: HashMap<BlockRef, Sent>,
     cancelled: HashSet<BlockRef>,
     cancelled_order: VecDeque<BlockRef>,
     allowed_fast: Vec<u32>,
     their_handshake: Option<ExtendedHandshake>,
     queue_target: usize,
+    path: PathEstimate,
     downloaded_since_tick: u64,
     download_rate: f64,
     upload_rate: f64,
@@ -182,12 +213,13 @@ impl PeerProto {
             ours,
             lacking: 0,
             availability_known: false,
-            requested: HashSet::new(),
+            requested: HashMap::new(),
             cancelled: HashSet::new(),
             cancelled_order: VecDeque::new(),
             allowed_fast: Vec::new(),
             their_handshake: None,
-            queue_target: MIN_QUEUE,
+            queue_target: INITIAL_QUEUE,
+            path: PathEstimate::default(),
             downloaded_since_tick: 0,
             download_rate: 0.0,
             upload_rate: 0.0,
@@ -278,6 +310,9 @@ impl PeerProto {
     pub fn queue_target(&self) -> usize {
         self.queue_target
     }
+    pub fn path(&self) -> PathEstimate {
+        self.path
+    }
     pub fn allowed_fast(&self) -> &[u32] {
         &self.allowed_fast
     }
@@ -315,7 +350,7 @@ impl PeerProto {
     }
 
     fn cancel_request(&mut self, block: BlockRef) {
-        if self.requested.remove(&block) && self.cancelled.insert(block) {
+        if self.requested.remove(&block).is_some() && self.cancelled.insert(block) {
             self.cancelled_order.push_back(block);
             while self.cancelled_order.len() > MAX_CANCELLED {
                 if let Some(old) = self.cancelled_order.pop_front() {
@@ -326,8 +361,9 @@ impl PeerProto {
     }
 
     /// A block we may receive: in flight or cancelled. Removes it from whichever set holds it.
-    fn take_request(&mut self, block: &BlockRef) -> bool {
-        if self.requested.remove(block) {
+    fn take_request(&mut self, block: &BlockRef, now: Instant) -> bool {
+        if let Some(sent) = self.requested.remove(block) {
+            self.path.delivered(sent, now);
             return true;
         }
         if self.cancelled.remove(block) {
@@ -377,7 +413,7 @@ impl PeerProto {
                 }
             }
             Command::Cancel(b) => {
-                if self.requested.contains(&b) {
+                if self.requested.contains_key(&b) {
                     self.cancel_request(b);
                     self.send(Message::Cancel(request_of(b)), now);
                 }
@@ -391,12 +427,18 @@ impl PeerProto {
             Command::Fill => self.fill(),
             Command::Picked(blocks) => {
                 for b in blocks {
-                    if self.requested.insert(b) {
-                        self.cancelled.remove(&b);
+                    let sent = Sent {
+                        at: now,
+                        ahead: self.requested.len() as u32,
+                    };
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.requested.entry(b) {
+                        e.insert(sent);
+                        // Still in `cancelled` if it was: the cancelled copy may arrive too.
                         self.send(Message::Request(request_of(b)), now);
                     }
                 }
             }
+            Command::ReadWaiting { pieces, share } => self.read_waiting(&pieces, share, now),
             Command::UploadUnavailable(r) => {
                 if self.cfg.fast {
                     self.send(Message::Reject(r), now);
@@ -408,6 +450,36 @@ impl PeerProto {
                 }
             }
         }
+    }
+
+    /// A read waits for `pieces`: if the peer has one, cancel the newest requests beyond the
+    /// path's bandwidth-delay product (the read's blocks would be served after them; the older
+    /// ones are on their way already) and ask the picker at once for `share` blocks, whatever
+    /// the half-drained rule says; it returns deadline blocks first. The pipeline refills with
+    /// bulk only as it drains, so cancelled blocks the peer had already sent are accepted when
+    /// they come rather than asked for again.
+    fn read_waiting(&mut self, pieces: &[u32], share: usize, now: Instant) {
+        if self.peer_choking || !self.am_interested {
+            return;
+        }
+        let n = self.theirs.len();
+        if !pieces.iter().any(|&p| p < n && self.theirs.get(p)) {
+            return;
+        }
+        let cancel = self.requested.len().saturating_sub(self.path.bdp_blocks());
+        if cancel > 0 {
+            let mut newest: Vec<(Sent, BlockRef)> =
+                self.requested.iter().map(|(b, s)| (*s, *b)).collect();
+            newest.sort_unstable_by(|a, b| b.cmp(a));
+            let withdrawn: Vec<BlockRef> = newest.iter().take(cancel).map(|(_, b)| *b).collect();
+            for &b in &withdrawn {
+                self.cancel_request(b);
+                self.send(Message::Cancel(request_of(b)), now);
+            }
+            self.actions.push_back(Action::Withdrawn(withdrawn));
+        }
+        self.actions
+            .push_back(Action::WantBlocks(share.clamp(1, MAX_QUEUE)));
     }
 
     // ---- ticks ----
@@ -429,9 +501,12 @@ impl PeerProto {
         // A short EWMA: responsive enough for 10 s choke rounds.
         self.download_rate = 0.6 * self.download_rate + 0.4 * down;
         self.upload_rate = 0.6 * self.upload_rate + 0.4 * up;
-        // Deepen the pipeline for fast peers: a quarter second of their rate in blocks.
-        let by_rate = (self.download_rate / 4.0 / 16384.0) as usize;
-        self.queue_target = by_rate.clamp(MIN_QUEUE, MAX_QUEUE);
+        // The path's rate follows increases at once (a queue too shallow for the path only
+        // shows as a rate below it) and falls with the EWMA.
+        self.path.rate = self.download_rate.max(down);
+        if self.path.rate > 0.0 {
+            self.queue_target = queue_depth(self.path.rate, self.path.rtt);
+        }
         self.actions.push_back(Action::Rates {
             download: self.download_rate as u64,
             upload: self.upload_rate as u64,
@@ -476,7 +551,7 @@ impl PeerProto {
                     // A fast peer rejects what it will not send; a plain one discards it
                     // (BEP 3), but may have sent it before the choke: either way the blocks
                     // may still arrive, so they move to `cancelled`, never into the void.
-                    let blocks: Vec<BlockRef> = self.requested.iter().copied().collect();
+                    let blocks: Vec<BlockRef> = self.requested.keys().copied().collect();
                     for b in blocks {
                         self.cancel_request(b);
                     }
@@ -507,7 +582,7 @@ impl PeerProto {
                     .lengths
                     .block(piece, offset, data.len() as u32)
                     .ok_or_else(|| violation("piece message outside our block geometry"))?;
-                if !self.take_request(&block) {
+                if !self.take_request(&block, now) {
                     return Err(violation(format!(
                         "piece {piece}@{offset} that we did not request"
                     )));
@@ -524,8 +599,8 @@ impl PeerProto {
                     return Err(violation("reject without the fast bit"));
                 }
                 if let Some(b) = self.cfg.lengths.block(r.piece, r.offset, r.length) {
-                    let in_flight = self.requested.contains(&b);
-                    if self.take_request(&b) && in_flight {
+                    let in_flight = self.requested.contains_key(&b);
+                    if self.take_request(&b, now) && in_flight {
                         self.actions.push_back(Action::Rejected(b));
                         self.fill();
                     }
@@ -622,6 +697,65 @@ impl PeerProto {
     }
 }
 
+/// When a request was sent and how many were in flight to the peer ahead of it. Ordered by
+/// time, then position: the greatest is the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Sent {
+    at: Instant,
+    ahead: u32,
+}
+
+/// One peer's path as we see it: round trip and delivery rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PathEstimate {
+    /// Smoothed round trip (request to first byte of its block, queueing at the peer removed).
+    pub rtt: Option<Duration>,
+    /// Delivery rate, bytes/s (0 until the first tick with data).
+    pub rate: f64,
+}
+
+impl PathEstimate {
+    /// A block requested at `sent` arrived at `now`. Its latency is about the larger of the
+    /// round trip and the time the blocks ahead of it (and it) take at the path's rate. When
+    /// those explain under 80% of it, it is a round-trip sample; otherwise the pipe was full and
+    /// it only bounds the round trip from above. Without a rate only a request with nothing
+    /// ahead is a sample.
+    fn delivered(&mut self, sent: Sent, now: Instant) {
+        let latency = now.saturating_duration_since(sent.at).min(MAX_RTT);
+        let queued = if sent.ahead == 0 {
+            0.0
+        } else if self.rate > 0.0 {
+            (sent.ahead as f64 + 1.0) * BLOCK_SIZE as f64 / self.rate
+        } else {
+            return;
+        };
+        let secs = latency.as_secs_f64();
+        self.rtt = match self.rtt {
+            None if secs >= 1.25 * queued => Some(latency),
+            None => None,
+            Some(old) if secs >= 1.25 * queued => Some(old.mul_f64(0.875) + latency.mul_f64(0.125)),
+            Some(old) => Some(old.min(latency)),
+        };
+    }
+
+    /// Requests that fill the path (bandwidth-delay product), at least `MIN_QUEUE`.
+    fn bdp_blocks(&self) -> usize {
+        let rtt = self.rtt.unwrap_or_default().as_secs_f64();
+        let bdp = (self.rate * rtt / BLOCK_SIZE as f64).ceil();
+        (bdp.min(MAX_QUEUE as f64) as usize).max(MIN_QUEUE)
+    }
+}
+
+/// The queue target for a path of `rate` bytes/s and round trip `rtt`: twice the
+/// bandwidth-delay product (the pipeline is topped up at half) plus `QUEUE_SLACK` of the rate,
+/// within `MIN_QUEUE..=MAX_QUEUE`.
+pub fn queue_depth(rate: f64, rtt: Option<Duration>) -> usize {
+    let rtt = rtt.unwrap_or_default().as_secs_f64();
+    let seconds = 2.0 * rtt + QUEUE_SLACK.as_secs_f64();
+    let blocks = (rate.max(0.0) * seconds / BLOCK_SIZE as f64).ceil();
+    (blocks.min(MAX_QUEUE as f64) as usize).max(MIN_QUEUE)
+}
+
 fn violation(what: impl Into<String>) -> CloseReason {
     CloseReason::Violation(what.into())
 }
@@ -699,7 +833,10 @@ mod tests {
         fn unchoked_by_seed(fast: bool) -> Harness {
             let mut h = Harness::new(fast, "........");
             h.msg(Message::Bitfield(Bytes::from_static(&[0xff])));
-            assert_eq!(h.msg(Message::Unchoke), vec![Action::WantBlocks(MIN_QUEUE)]);
+            assert_eq!(
+                h.msg(Message::Unchoke),
+                vec![Action::WantBlocks(INITIAL_QUEUE)]
+            );
             h
         }
     }
@@ -846,17 +983,17 @@ mod tests {
     #[test]
     fn pipeline_refills_once_half_the_queue_drained() {
         let mut h = Harness::unchoked_by_seed(false);
-        let picked = blocks(MIN_QUEUE as u32);
+        let picked = blocks(INITIAL_QUEUE as u32);
         h.cmd(Command::Picked(picked.clone()));
         // Receiving up to half of the queue asks for nothing; past half, for the difference.
-        for (i, b) in picked.iter().enumerate().take(MIN_QUEUE / 2) {
+        for (i, b) in picked.iter().enumerate().take(INITIAL_QUEUE / 2) {
             let acts = h.msg(piece_msg(*b));
             assert!(matches!(acts[0], Action::BlockArrived { .. }));
             let want = acts.iter().find(|a| matches!(a, Action::WantBlocks(_)));
-            if i + 1 < MIN_QUEUE / 2 {
+            if i + 1 < INITIAL_QUEUE / 2 {
                 assert_eq!(want, None, "after {} blocks", i + 1);
             } else {
-                assert_eq!(want, Some(&Action::WantBlocks(MIN_QUEUE / 2)));
+                assert_eq!(want, Some(&Action::WantBlocks(INITIAL_QUEUE / 2)));
             }
         }
     }
@@ -866,14 +1003,17 @@ mod tests {
         let mut h = Harness::unchoked_by_seed(false);
         let picked = blocks(32);
         h.cmd(Command::Picked(picked.clone()));
+        h.now += Duration::from_millis(5);
         for b in &picked {
             h.msg(piece_msg(*b));
         }
         h.cmd(Command::Picked(blocks(1)));
-        // 32 blocks (512 KiB) in 10 ms: 50 MiB/s, EWMA 0.4 of it = 20 MiB/s -> 320 blocks.
-        let acts = h.tick(Duration::from_millis(10), 0);
-        assert_eq!(h.proto.queue_target(), 320);
-        assert!(acts.contains(&Action::WantBlocks(319)), "{acts:?}");
+        // 32 blocks (512 KiB) in 10 ms: 50 MiB/s; round trip 5 ms (the first block, nothing
+        // ahead of it): 50 MiB/s * (2 * 5 ms + 20 ms) = 96 blocks.
+        let acts = h.tick(Duration::from_millis(5), 0);
+        assert_eq!(h.proto.path().rtt, Some(Duration::from_millis(5)));
+        assert_eq!(h.proto.queue_target(), 96);
+        assert!(acts.contains(&Action::WantBlocks(95)), "{acts:?}");
     }
 
     #[test]
@@ -912,7 +1052,10 @@ mod tests {
                 "round {round}"
             );
             assert!(h.proto.cancelled_count() <= MAX_CANCELLED);
-            assert_eq!(h.msg(Message::Unchoke), vec![Action::WantBlocks(MIN_QUEUE)]);
+            assert_eq!(
+                h.msg(Message::Unchoke),
+                vec![Action::WantBlocks(INITIAL_QUEUE)]
+            );
         }
         let b = block(7, 3);
         h.cmd(Command::Picked(vec![b]));
@@ -954,7 +1097,7 @@ mod tests {
     #[test]
     fn expired_requests_free_the_pipeline_but_may_still_arrive() {
         let mut h = Harness::unchoked_by_seed(false);
-        let picked = blocks(MIN_QUEUE as u32);
+        let picked = blocks(INITIAL_QUEUE as u32);
         h.cmd(Command::Picked(picked.clone()));
         assert_eq!(
             h.cmd(Command::Expired(picked[..40].to_vec())),
@@ -973,7 +1116,7 @@ mod tests {
         h.cmd(Command::Picked(vec![b]));
         assert_eq!(
             h.msg(Message::Reject(request_of(b))),
-            vec![Action::Rejected(b), Action::WantBlocks(MIN_QUEUE)]
+            vec![Action::Rejected(b), Action::WantBlocks(INITIAL_QUEUE)]
         );
         let mut plain = Harness::unchoked_by_seed(false);
         assert!(matches!(
@@ -1115,5 +1258,213 @@ mod tests {
             h.msg(Message::AllowedFast(i % PIECES));
         }
         assert_eq!(h.proto.allowed_fast().len(), PIECES as usize);
+    }
+
+    #[test]
+    fn queue_depth_is_twice_the_bandwidth_delay_product_plus_slack() {
+        let ms = Duration::from_millis;
+        // 4 MiB/s, 50 ms: 4 MiB/s * (100 + 20) ms = 30.7 -> 31 blocks.
+        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 31);
+        // A slow far peer: 256 KiB/s, 200 ms -> 7 blocks, not a 64-block floor (4 s of it).
+        assert_eq!(queue_depth(262144.0, Some(ms(200))), 7);
+        // Nothing known, or a trickle: the floor.
+        assert_eq!(queue_depth(0.0, None), MIN_QUEUE);
+        assert_eq!(queue_depth(1000.0, Some(ms(10))), MIN_QUEUE);
+        // A fast near peer: 1 GiB/s on loopback -> the ceiling.
+        assert_eq!(
+            queue_depth(1024.0 * 1048576.0, Some(Duration::from_micros(100))),
+            MAX_QUEUE
+        );
+    }
+
+    #[test]
+    fn round_trip_samples_come_from_requests_the_queue_did_not_hold_up() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut path = PathEstimate {
+            rtt: None,
+            rate: 0.0,
+        };
+        // No rate yet: only a request with nothing ahead is a sample.
+        path.delivered(Sent { at: t0, ahead: 3 }, t0 + ms(90));
+        assert_eq!(path.rtt, None);
+        path.delivered(Sent { at: t0, ahead: 0 }, t0 + ms(50));
+        assert_eq!(path.rtt, Some(ms(50)));
+        // 4 MiB/s: a block every 3.9 ms. 21 blocks take 82 ms: a full pipe, no sample.
+        path.rate = 256.0 * BLOCK_SIZE as f64;
+        path.delivered(Sent { at: t0, ahead: 20 }, t0 + ms(82));
+        assert_eq!(path.rtt, Some(ms(50)));
+        // 6 blocks take 23 ms of 60: a sample, smoothed in by 1/8.
+        path.delivered(Sent { at: t0, ahead: 5 }, t0 + ms(60));
+        assert_eq!(path.rtt, Some(Duration::from_micros(51_250)));
+        // A full pipe that delivered in 45 ms bounds the round trip.
+        path.delivered(Sent { at: t0, ahead: 10 }, t0 + ms(45));
+        assert_eq!(path.rtt, Some(ms(45)));
+    }
+
+    /// A peer behind a link of `rate` bytes/s and round trip `rtt` with a deep buffer, serving
+    /// our requests in order, for `secs` seconds of ticks. Returns the machine and the bytes
+    /// delivered in the last second.
+    fn over_a_link(rate: f64, rtt: Duration, secs: u32) -> (PeerProto, f64) {
+        const N: u32 = 4096;
+        let mut c = cfg(false);
+        c.lengths = Lengths::new(N as u64 * PIECE_LEN as u64, PIECE_LEN, N as u64).unwrap();
+        let t0 = Instant::now();
+        let mut p = PeerProto::new(c, Bitfield::new(N), t0);
+        let full = Bytes::from(Bitfield::full(N).as_bytes().to_vec());
+        p.handle(Input::Message(Message::Bitfield(full)), t0);
+        p.handle(Input::Message(Message::Unchoke), t0);
+        let block_time = Duration::from_secs_f64(BLOCK_SIZE as f64 / rate);
+        let mut on_the_way: VecDeque<(Instant, BlockRef)> = VecDeque::new();
+        let mut link_free = t0;
+        let mut next_block = 0u32;
+        let mut next_tick = t0 + Duration::from_secs(1);
+        let end = t0 + Duration::from_secs(secs as u64);
+        let mut last_second = 0.0;
+        let mut now = t0;
+        loop {
+            while let Some(a) = p.poll_action() {
+                if let Action::WantBlocks(n) = a {
+                    let mut picked = Vec::new();
+                    for _ in 0..n {
+                        let b = block(next_block / 4 % N, next_block % 4);
+                        next_block += 1;
+                        let at_peer = now + rtt / 2;
+                        link_free = link_free.max(at_peer) + block_time;
+                        on_the_way.push_back((link_free + rtt / 2, b));
+                        picked.push(b);
+                    }
+                    p.handle(Input::Command(Command::Picked(picked)), now);
+                }
+            }
+            let arrival = on_the_way.front().map(|(at, _)| *at);
+            match arrival {
+                Some(at) if at < next_tick => {
+                    now = at;
+                    let (_, b) = on_the_way.pop_front().unwrap();
+                    if now + Duration::from_secs(1) >= end {
+                        last_second += BLOCK_SIZE as f64;
+                    }
+                    p.handle(Input::Message(piece_msg(b)), now);
+                }
+                _ => {
+                    now = next_tick;
+                    if now >= end {
+                        return (p, last_second);
+                    }
+                    next_tick += Duration::from_secs(1);
+                    p.handle(Input::Tick { uploaded: 0 }, now);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_far_peer_gets_a_shallow_queue_that_still_fills_its_path() {
+        let rate = 4.0 * 1048576.0;
+        let (p, last_second) = over_a_link(rate, Duration::from_millis(50), 6);
+        let rtt = p.path().rtt.unwrap().as_secs_f64();
+        assert!((0.045..0.060).contains(&rtt), "round trip {rtt}");
+        // 2 x BDP (25.6 blocks) + 20 ms of rate (5.1): about 31, far below the old floor of 64.
+        assert!(
+            (26..=36).contains(&p.queue_target()),
+            "{}",
+            p.queue_target()
+        );
+        assert!(p.in_flight() <= p.queue_target());
+        assert!(last_second >= 0.95 * rate, "{last_second} of {rate}");
+    }
+
+    #[test]
+    fn a_fast_near_peer_gets_a_deep_queue() {
+        let rate = 1024.0 * 1048576.0;
+        let (p, last_second) = over_a_link(rate, Duration::from_micros(200), 3);
+        assert_eq!(p.queue_target(), MAX_QUEUE);
+        assert!(last_second >= 0.95 * rate, "{last_second} of {rate}");
+    }
+
+    /// A peer with a measured path: 256 KiB/s, 50 ms (queue target and BDP at the floor of 4),
+    /// with `in_flight` requests outstanding (blocks 16.. of `blocks(32)`, sent in order).
+    fn slow_peer_with_requests_outstanding(fast: bool) -> Harness {
+        let mut h = Harness::unchoked_by_seed(fast);
+        let picked = blocks(32);
+        h.cmd(Command::Picked(picked.clone()));
+        h.now += Duration::from_millis(50);
+        for b in &picked[..16] {
+            h.msg(piece_msg(*b));
+        }
+        h.now += Duration::from_millis(950);
+        h.tick(Duration::ZERO, 0);
+        assert_eq!(h.proto.queue_target(), MIN_QUEUE);
+        assert_eq!(h.proto.in_flight(), 16);
+        h
+    }
+
+    #[test]
+    fn a_waiting_read_cancels_the_newest_requests_beyond_the_path() {
+        let mut h = slow_peer_with_requests_outstanding(false);
+        let acts = h.cmd(Command::ReadWaiting {
+            pieces: vec![7],
+            share: 4,
+        });
+        // Keep the 4 oldest (the path's BDP: already on their way); cancel the 12 newest.
+        let newest: Vec<BlockRef> = (20..32).rev().map(|i| blocks(32)[i]).collect();
+        let mut want: Vec<Action> = newest
+            .iter()
+            .map(|b| Action::Send(Message::Cancel(request_of(*b))))
+            .collect();
+        want.push(Action::Withdrawn(newest.clone()));
+        want.push(Action::WantBlocks(4));
+        assert_eq!(acts, want);
+        assert_eq!(h.proto.in_flight(), 4);
+        assert_eq!(h.proto.cancelled_count(), 12);
+        // A cancelled block that comes anyway is accepted once.
+        assert!(matches!(
+            h.msg(piece_msg(newest[0]))[0],
+            Action::BlockArrived { .. }
+        ));
+    }
+
+    #[test]
+    fn a_waiting_read_leaves_a_peer_alone_that_lacks_its_pieces_or_chokes_us() {
+        let mut h = Harness::new(false, "........");
+        h.msg(Message::Bitfield(Bytes::from_static(&[0x7f])));
+        h.msg(Message::Unchoke);
+        h.cmd(Command::Picked(blocks(8)));
+        let read = Command::ReadWaiting {
+            pieces: vec![0],
+            share: 4,
+        };
+        assert_eq!(h.cmd(read.clone()), vec![], "it lacks piece 0");
+        h.msg(Message::Choke);
+        h.msg(Message::Have(0));
+        assert_eq!(h.cmd(read), vec![], "it chokes us");
+    }
+
+    #[test]
+    fn a_request_cancelled_then_asked_again_may_arrive_twice_or_be_rejected() {
+        let mut h = slow_peer_with_requests_outstanding(true);
+        h.cmd(Command::ReadWaiting {
+            pieces: vec![7],
+            share: 4,
+        });
+        let b = blocks(32)[31];
+        // The picker gives the withdrawn block back after the read's: requested again.
+        assert_eq!(
+            h.cmd(Command::Picked(vec![b])),
+            vec![Action::Send(Message::Request(request_of(b)))]
+        );
+        // The copy the peer had sent before our cancel, then the one for the new request.
+        for _ in 0..2 {
+            let acts = h.msg(piece_msg(b));
+            assert!(matches!(acts[0], Action::BlockArrived { .. }), "{acts:?}");
+        }
+        // BEP 6: a reject answers a cancel; it releases nothing that is still wanted.
+        let c = blocks(32)[30];
+        assert_eq!(h.msg(Message::Reject(request_of(c))), vec![]);
+        assert!(matches!(
+            h.msg(piece_msg(c))[..],
+            [Action::Close(CloseReason::Violation(_))]
+        ));
     }
 }

@@ -685,6 +685,16 @@ impl Picker {
         expired
     }
 
+    /// Blocks of `piece` nobody has requested or sent yet (0 for a piece we have or hash).
+    pub fn unrequested_blocks(&self, piece: PieceIndex) -> u32 {
+        let p = piece.get();
+        match self.states[p as usize] {
+            PieceState::NotStarted => self.lengths.piece_len(piece).div_ceil(BLOCK_SIZE),
+            PieceState::Partial => self.in_progress.get(&p).map_or(0, |ip| ip.missing),
+            PieceState::Hashing | PieceState::Have => 0,
+        }
+    }
+
     /// Blocks requested from `peer` and not yet received, rejected, expired or released.
     pub fn in_flight(&self, peer: PeerKey) -> usize {
         self.requests.count(peer)
@@ -1106,6 +1116,22 @@ mod tests {
     fn sorted(mut v: Vec<u32>) -> Vec<u32> {
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn unrequested_blocks_count_what_nobody_asked_for_yet() {
+        let mut p = setup("1111", "....");
+        let now = Instant::now();
+        let all = bits("****");
+        let p0 = pi(&p, 0);
+        let per_piece = p.unrequested_blocks(p0);
+        assert!(per_piece > 1);
+        p.set_deadline(p0, now);
+        let one = p.pick(1, &all, 1, now);
+        assert_eq!(one, vec![block(0, 0)]);
+        assert_eq!(p.unrequested_blocks(p0), per_piece - 1);
+        p.block_rejected(1, block(0, 0));
+        assert_eq!(p.unrequested_blocks(p0), per_piece);
     }
 
     #[test]

@@ -319,6 +319,7 @@ impl Conn {
                 Action::PeerInterested(on) => self.t.lock().peer_interested(key, on, now()),
                 Action::ChokedUs => self.t.lock().peer_choked_us(key),
                 Action::Rejected(b) => self.t.lock().block_rejected(key, b),
+                Action::Withdrawn(blocks) => self.t.lock().requests_withdrawn(key, &blocks),
                 Action::BlockArrived { block, data } => {
                     if let Some(l) = &self.t.download_limit {
                         l.acquire(data.len()).await;

@@ -533,6 +533,14 @@ impl State {
         self.wake_peers();
     }
 
+    /// The peer cancelled these requests to make room for a read's: others may take them.
+    pub fn requests_withdrawn(&mut self, key: PeerKey, blocks: &[BlockRef]) {
+        for &b in blocks {
+            self.picker.block_rejected(key, b);
+        }
+        self.debug_check();
+    }
+
     pub fn peer_choked_us(&mut self, key: PeerKey) {
         if !self.picker.peer_choked(key).is_empty() {
             self.wake_peers();
@@ -779,11 +787,33 @@ impl State {
             }
         }
         self.apply_readahead();
-        if !missing.is_empty() {
-            self.wake_peers();
-        }
+        self.read_waiting(&missing);
         self.debug_check();
         missing
+    }
+
+    /// Peers hear of a read waiting for `missing`. If some of its blocks are not requested
+    /// yet, the peers that have them make room (cancelling bulk requests beyond their path's
+    /// bandwidth-delay product) and ask for them at once, each about an equal share, so the
+    /// blocks spread over the peers; otherwise they only top up.
+    fn read_waiting(&self, missing: &[PieceIndex]) {
+        let mut unrequested = 0usize;
+        let mut pieces = Vec::new();
+        for &p in missing {
+            let n = self.picker.unrequested_blocks(p);
+            if n > 0 {
+                unrequested += n as usize;
+                pieces.push(p.get());
+            }
+        }
+        if pieces.is_empty() {
+            if !missing.is_empty() {
+                self.wake_peers();
+            }
+            return;
+        }
+        let share = unrequested.div_ceil(self.peers.len().max(1));
+        self.broadcast(&Command::ReadWaiting { pieces, share });
     }
 
     /// The read that `read_wants` started is over (answered, failed or dropped).

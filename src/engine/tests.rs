@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::layout::BLOCK_SIZE;
 use crate::core::metainfo::Metainfo;
-use crate::core::peer_proto::MIN_QUEUE;
+use crate::core::peer_proto::INITIAL_QUEUE;
 use crate::core::wire::{self, BlockRequest, Decode, Handshake, Message, HANDSHAKE_LEN};
 use crate::engine::reader::ReadError;
 use crate::engine::tasks::Failure;
@@ -230,13 +230,17 @@ async fn interest_choke_and_pipelining_follow_the_peer() {
     p.recv_until(|m| *m == Message::Interested).await;
     // Unchoked: a whole pipeline of requests arrives before we answer any.
     p.send(&Message::Unchoke).await;
-    let first = p.requests(MIN_QUEUE).await;
+    let first = p.requests(INITIAL_QUEUE).await;
     let distinct: std::collections::HashSet<_> = first.iter().collect();
-    assert_eq!(distinct.len(), MIN_QUEUE, "pipelined requests are distinct");
+    assert_eq!(
+        distinct.len(),
+        INITIAL_QUEUE,
+        "pipelined requests are distinct"
+    );
     // Choked: those are void; unchoked again, they are asked for again.
     p.send(&Message::Choke).await;
     p.send(&Message::Unchoke).await;
-    let pending = p.requests(MIN_QUEUE).await;
+    let pending = p.requests(INITIAL_QUEUE).await;
     // Serve everything asked until the torrent is complete; we then lose interest.
     let lost_interest = serve_until_complete(&t, &fx, &mut p, pending).await;
     assert!(lost_interest, "not interested once we have everything");
@@ -310,14 +314,14 @@ async fn a_fast_peer_that_chokes_with_requests_outstanding_and_rejects_them_keep
     p.recv_until(|m| *m == Message::Interested).await;
     for _ in 0..50 {
         p.send(&Message::Unchoke).await;
-        let asked = p.requests(MIN_QUEUE).await;
+        let asked = p.requests(INITIAL_QUEUE).await;
         p.send(&Message::Choke).await;
         for r in asked {
             p.send(&Message::Reject(r)).await;
         }
     }
     p.send(&Message::Unchoke).await;
-    let pending = p.requests(MIN_QUEUE).await;
+    let pending = p.requests(INITIAL_QUEUE).await;
     serve_until_complete(&t, &fx, &mut p, pending).await;
     t.shutdown().await;
 }
