@@ -1119,4 +1119,70 @@ mod tests {
         st.peer_interested(k, true, Instant::now());
         assert_eq!(drain(&mut rx), vec![Command::Unchoke]);
     }
+
+    #[test]
+    fn a_read_waiting_for_unrequested_blocks_gives_every_peer_a_share() {
+        let mut st = state(8, 8, "........");
+        let (a, mut rx_a) = join(&mut st, 2);
+        let (_b, mut rx_b) = join(&mut st, 3);
+        let p0 = st.cfg.lengths.piece(0).unwrap();
+        st.read_wants(None, 0, 100, &[p0], Instant::now());
+        // Two unrequested blocks over two peers: one each.
+        let want = Command::ReadWaiting {
+            pieces: vec![0],
+            share: 1,
+        };
+        assert_eq!(drain(&mut rx_a), vec![want.clone()]);
+        assert_eq!(drain(&mut rx_b), vec![want]);
+        // Every block requested: a second read of it only tops the peers up.
+        st.pick(a, &Bitfield::full(8), 2, Instant::now());
+        st.read_wants(None, 0, 100, &[p0], Instant::now());
+        assert_eq!(drain(&mut rx_a), vec![Command::Fill]);
+        // Withdrawn requests go back to the pool for any peer.
+        let withdrawn = st.picker.pick(a, &Bitfield::full(8), 0, Instant::now());
+        assert!(withdrawn.is_empty());
+        let blocks: Vec<BlockRef> = (0..2)
+            .map(|i| BlockRef {
+                piece: 0,
+                offset: i * BLOCK_SIZE,
+                length: BLOCK_SIZE,
+            })
+            .collect();
+        st.requests_withdrawn(a, &blocks);
+        assert_eq!(st.picker.unrequested_blocks(p0), 2);
+    }
+
+    #[test]
+    fn a_seek_drops_the_readahead_of_the_position_left() {
+        let mut st = state(10, 10, "..........");
+        let (k, _rx) = join(&mut st, 2);
+        let all = Bitfield::full(10);
+        let piece = |i: u32| st.cfg.lengths.piece(i).unwrap();
+        let (p0, p8) = (piece(0), piece(8));
+        let stream = st.open_stream(0, 10 * PIECE as u64);
+        // A read at the start: piece 0 is due, the file's last piece (9) is an index piece,
+        // and the readahead window covers pieces 1.. after it.
+        st.read_wants(Some(stream), 0, 100, &[p0], Instant::now());
+        let first: Vec<u32> = st
+            .pick(k, &all, 4, Instant::now())
+            .iter()
+            .map(|b| b.piece)
+            .collect();
+        assert_eq!(first, vec![0, 0, 9, 9]);
+        st.read_done(&[p0]);
+        // A seek to piece 8: the window at the old position is dropped, not fetched.
+        st.read_wants(
+            Some(stream),
+            8 * PIECE as u64,
+            8 * PIECE as u64 + 100,
+            &[p8],
+            Instant::now(),
+        );
+        let next: Vec<u32> = st
+            .pick(k, &all, 64, Instant::now())
+            .iter()
+            .map(|b| b.piece)
+            .collect();
+        assert_eq!(next, vec![8, 8]);
+    }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::layout::BLOCK_SIZE;
 use crate::core::metainfo::Metainfo;
-use crate::core::peer_proto::INITIAL_QUEUE;
+use crate::core::peer_proto::{INITIAL_QUEUE, MIN_QUEUE};
 use crate::core::wire::{self, BlockRequest, Decode, Handshake, Message, HANDSHAKE_LEN};
 use crate::engine::reader::ReadError;
 use crate::engine::tasks::Failure;
@@ -357,4 +357,65 @@ fn a_slow_disk_does_not_stall_the_runtime() {
         ticker.abort();
         t.shutdown().await;
     });
+}
+
+/// A read's blocks do not wait behind a full queue of bulk requests: the peer is told to
+/// cancel the newest of them (nothing is known of its path yet, so all but the floor) and the
+/// read's blocks are requested at once, before the peer has served anything. On the old code
+/// they were requested only once half of the bulk queue had been served (or had expired).
+#[tokio::test(start_paused = true)]
+async fn a_read_cancels_queued_bulk_requests_and_its_blocks_go_out_first() {
+    let fx = fixture(64, 2 * BLOCK_SIZE); // 128 blocks
+    let t = torrent(&fx, false, TorrentConfig::default());
+    let mut p = attach(&t, true, 1 << 20).await;
+    p.send(&full_bitfield(&fx)).await;
+    p.recv_until(|m| *m == Message::Interested).await;
+    p.send(&Message::Unchoke).await;
+    // The background fill takes the whole pipeline; the peer serves none of it.
+    let bulk = p.requests(INITIAL_QUEUE).await;
+    let piece_len = fx.meta.info.piece_length as u64;
+    let read_piece = (0..64u32)
+        .find(|i| bulk.iter().all(|r| r.piece != *i))
+        .expect("a piece the bulk requests do not touch");
+    let reader = {
+        let t = t.clone();
+        tokio::spawn(async move { t.read(None, read_piece as u64 * piece_len, 100).await })
+    };
+    let mut cancelled = Vec::new();
+    let mut asked = Vec::new();
+    while asked.len() < 2 {
+        match p.recv().await {
+            Some(Message::Cancel(r)) => {
+                assert!(bulk.contains(&r), "only requests made are cancelled");
+                assert!(asked.is_empty(), "cancels go before the read's requests");
+                cancelled.push(r);
+            }
+            Some(Message::Request(r)) if r.piece == read_piece => asked.push(r),
+            Some(Message::Request(r)) => panic!("a bulk request {r:?} before the read's blocks"),
+            Some(_) => {}
+            None => panic!("the engine closed the connection"),
+        }
+    }
+    assert_eq!(
+        cancelled.len(),
+        INITIAL_QUEUE - MIN_QUEUE,
+        "all but the floor"
+    );
+    // The newest were cancelled: the oldest requests still stand.
+    assert!(bulk[..MIN_QUEUE].iter().all(|r| !cancelled.contains(r)));
+    // BEP 6: the peer rejects what it will not send; the read completes.
+    for r in &cancelled {
+        p.send(&Message::Reject(*r)).await;
+    }
+    for r in asked {
+        p.serve(&fx, r).await;
+    }
+    let got = tokio::time::timeout(WATCHDOG, reader)
+        .await
+        .expect("watchdog: the read")
+        .unwrap()
+        .unwrap();
+    let start = read_piece as usize * piece_len as usize;
+    assert_eq!(got, fx.content[start..start + 100]);
+    t.shutdown().await;
 }
