@@ -22,9 +22,10 @@
 //! Each request remembers when it was sent and how many were in flight ahead of it. When its
 //! block arrives, its latency minus the time those ahead took at the peer's rate is one sample
 //! of the round trip (`PathEstimate`). The queue target is the bandwidth-delay product that
-//! estimate gives, doubled because the pipeline is topped up only once half of it drained, plus
-//! `QUEUE_SLACK` (`queue_depth`): a slow far peer gets a shallow queue, so what we ask of it
-//! later (a read) does not wait behind seconds of bulk requests; a fast near one a deep queue.
+//! estimate gives plus a margin (`queue_depth`), topped up once an eighth of it drained, so the
+//! path stays full but little waits at the peer beyond it: a slow far peer gets a shallow
+//! queue, and what we ask of it later (a read) does not wait behind seconds of bulk requests;
+//! a fast near one gets a deep queue.
 //! When a read waits (`Command::ReadWaiting`), requests beyond the bandwidth-delay product are
 //! cancelled (BEP 3 cancel; a BEP 6 reject of a cancelled request is accepted quietly) so the
 //! read's blocks go out next instead of behind them.
@@ -52,9 +53,12 @@ pub const INITIAL_QUEUE: usize = 64;
 /// clients accept from one peer (libtorrent: 500 by default; our own upload queue: 16 MiB).
 pub const MIN_QUEUE: usize = 4;
 pub const MAX_QUEUE: usize = 512;
-/// Time added to twice the round trip in the queue target: covers the tick between rate
-/// updates and the engine's own latency.
+/// Time of the path's rate added to 1.25 round trips in the queue target: covers the refill
+/// batch, rate changes between ticks and the engine's own latency.
 pub const QUEUE_SLACK: Duration = Duration::from_millis(20);
+/// The pipeline is topped up once this fraction of the queue target has drained (batches
+/// picker calls on fast peers; keeps at least the bandwidth-delay product in flight).
+const REFILL_FRACTION: usize = 8;
 /// Round-trip samples are capped here (a peer that stalls is not a long path).
 const MAX_RTT: Duration = Duration::from_secs(5);
 /// Cancelled-but-may-still-arrive requests remembered per peer (oldest forgotten first).
@@ -337,12 +341,13 @@ impl PeerProto {
         }
     }
 
-    /// Tops up the pipeline: asks the picker for blocks once half the queue has drained.
+    /// Tops up the pipeline: asks the picker for blocks once an eighth of the queue drained.
     fn fill(&mut self) {
         if self.peer_choking || !self.am_interested {
             return;
         }
-        if self.requested.len() * 2 > self.queue_target {
+        let batch = (self.queue_target / REFILL_FRACTION).max(1);
+        if self.requested.len() + batch > self.queue_target {
             return;
         }
         self.actions
@@ -455,7 +460,7 @@ impl PeerProto {
     /// A read waits for `pieces`: if the peer has one, cancel the newest requests beyond the
     /// path's bandwidth-delay product (the read's blocks would be served after them; the older
     /// ones are on their way already) and ask the picker at once for `share` blocks, whatever
-    /// the half-drained rule says; it returns deadline blocks first. The pipeline refills with
+    /// the refill rule says; it returns deadline blocks first. The pipeline refills with
     /// bulk only as it drains, so cancelled blocks the peer had already sent are accepted when
     /// they come rather than asked for again.
     fn read_waiting(&mut self, pieces: &[u32], share: usize, now: Instant) {
@@ -746,12 +751,13 @@ impl PathEstimate {
     }
 }
 
-/// The queue target for a path of `rate` bytes/s and round trip `rtt`: twice the
-/// bandwidth-delay product (the pipeline is topped up at half) plus `QUEUE_SLACK` of the rate,
-/// within `MIN_QUEUE..=MAX_QUEUE`.
+/// The queue target for a path of `rate` bytes/s and round trip `rtt`: the rate times 1.25
+/// round trips plus `QUEUE_SLACK`, within `MIN_QUEUE..=MAX_QUEUE`. Topped up at 7/8 of it,
+/// the pipeline keeps the bandwidth-delay product in flight; what waits at the peer beyond
+/// it (and delays a read's blocks) is about a quarter round trip plus the slack.
 pub fn queue_depth(rate: f64, rtt: Option<Duration>) -> usize {
     let rtt = rtt.unwrap_or_default().as_secs_f64();
-    let seconds = 2.0 * rtt + QUEUE_SLACK.as_secs_f64();
+    let seconds = 1.25 * rtt + QUEUE_SLACK.as_secs_f64();
     let blocks = (rate.max(0.0) * seconds / BLOCK_SIZE as f64).ceil();
     (blocks.min(MAX_QUEUE as f64) as usize).max(MIN_QUEUE)
 }
@@ -981,19 +987,20 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_refills_once_half_the_queue_drained() {
+    fn pipeline_refills_once_an_eighth_of_the_queue_drained() {
         let mut h = Harness::unchoked_by_seed(false);
         let picked = blocks(INITIAL_QUEUE as u32);
         h.cmd(Command::Picked(picked.clone()));
-        // Receiving up to half of the queue asks for nothing; past half, for the difference.
-        for (i, b) in picked.iter().enumerate().take(INITIAL_QUEUE / 2) {
+        // Receiving up to an eighth of the queue asks for nothing; then, for the difference.
+        let batch = INITIAL_QUEUE / REFILL_FRACTION;
+        for (i, b) in picked.iter().enumerate().take(batch) {
             let acts = h.msg(piece_msg(*b));
             assert!(matches!(acts[0], Action::BlockArrived { .. }));
             let want = acts.iter().find(|a| matches!(a, Action::WantBlocks(_)));
-            if i + 1 < INITIAL_QUEUE / 2 {
+            if i + 1 < batch {
                 assert_eq!(want, None, "after {} blocks", i + 1);
             } else {
-                assert_eq!(want, Some(&Action::WantBlocks(INITIAL_QUEUE / 2)));
+                assert_eq!(want, Some(&Action::WantBlocks(batch)));
             }
         }
     }
@@ -1001,19 +1008,19 @@ mod tests {
     #[test]
     fn queue_target_grows_with_the_download_rate() {
         let mut h = Harness::unchoked_by_seed(false);
-        let picked = blocks(32);
+        let picked = blocks(30);
         h.cmd(Command::Picked(picked.clone()));
         h.now += Duration::from_millis(5);
         for b in &picked {
             h.msg(piece_msg(*b));
         }
         h.cmd(Command::Picked(blocks(1)));
-        // 32 blocks (512 KiB) in 10 ms: 50 MiB/s; round trip 5 ms (the first block, nothing
-        // ahead of it): 50 MiB/s * (2 * 5 ms + 20 ms) = 96 blocks.
+        // 30 blocks in 10 ms: 3,000 blocks/s; round trip 5 ms (the first block, nothing ahead
+        // of it): 3,000 * (1.25 * 5 ms + 20 ms) = 78.75 -> 79 blocks, up from 64.
         let acts = h.tick(Duration::from_millis(5), 0);
         assert_eq!(h.proto.path().rtt, Some(Duration::from_millis(5)));
-        assert_eq!(h.proto.queue_target(), 96);
-        assert!(acts.contains(&Action::WantBlocks(95)), "{acts:?}");
+        assert_eq!(h.proto.queue_target(), 79);
+        assert!(acts.contains(&Action::WantBlocks(78)), "{acts:?}");
     }
 
     #[test]
@@ -1261,12 +1268,12 @@ mod tests {
     }
 
     #[test]
-    fn queue_depth_is_twice_the_bandwidth_delay_product_plus_slack() {
+    fn queue_depth_is_the_bandwidth_delay_product_plus_a_margin() {
         let ms = Duration::from_millis;
-        // 4 MiB/s, 50 ms: 4 MiB/s * (100 + 20) ms = 30.7 -> 31 blocks.
-        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 31);
-        // A slow far peer: 256 KiB/s, 200 ms -> 7 blocks, not a 64-block floor (4 s of it).
-        assert_eq!(queue_depth(262144.0, Some(ms(200))), 7);
+        // 4 MiB/s, 50 ms: 4 MiB/s * (62.5 + 20) ms = 21.1 -> 22 blocks (BDP 12.8).
+        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 22);
+        // A slow far peer: 256 KiB/s, 200 ms -> 5 blocks, not a 64-block floor (4 s of it).
+        assert_eq!(queue_depth(262144.0, Some(ms(200))), 5);
         // Nothing known, or a trickle: the floor.
         assert_eq!(queue_depth(0.0, None), MIN_QUEUE);
         assert_eq!(queue_depth(1000.0, Some(ms(10))), MIN_QUEUE);
@@ -1365,9 +1372,9 @@ mod tests {
         let (p, last_second) = over_a_link(rate, Duration::from_millis(50), 6);
         let rtt = p.path().rtt.unwrap().as_secs_f64();
         assert!((0.045..0.060).contains(&rtt), "round trip {rtt}");
-        // 2 x BDP (25.6 blocks) + 20 ms of rate (5.1): about 31, far below the old floor of 64.
+        // 1.25 x BDP (16 blocks) + 20 ms of rate (5.1): about 22, far below the old floor of 64.
         assert!(
-            (26..=36).contains(&p.queue_target()),
+            (19..=26).contains(&p.queue_target()),
             "{}",
             p.queue_target()
         );
