@@ -28,7 +28,14 @@
 //! a fast near one gets a deep queue.
 //! When a read waits (`Command::ReadWaiting`), requests beyond the bandwidth-delay product are
 //! cancelled (BEP 3 cancel; a BEP 6 reject of a cancelled request is accepted quietly) so the
-//! read's blocks go out next instead of behind them.
+//! read's blocks go out next instead of behind them. Where the peer has already sent what we
+//! cancel (a deep buffer on its uplink), cancelled blocks arrive anyway and asking for them
+//! again would only send them twice: a peer whose cancelled blocks mostly arrive is not sent
+//! cancels for a while (`cancel_futility`); the read's blocks are still asked for at once.
+//!
+//! The path's rate is the best tick of the last `RATE_WINDOW`: a dip (the picker had nothing,
+//! hashing was behind, a read trimmed the queue) does not shrink the queue, which would make
+//! the next tick's rate lower still.
 //!
 //! # Extensions (BEP 10)
 //! `PeerConfig::extensions` names the extensions we offer; they get local ids 1, 2, ... in our
@@ -56,6 +63,10 @@ pub const MAX_QUEUE: usize = 512;
 /// Time of the path's rate added to 1.25 round trips in the queue target: covers the refill
 /// batch, rate changes between ticks and the engine's own latency.
 pub const QUEUE_SLACK: Duration = Duration::from_millis(20);
+/// Ticks over which the path's rate is the best one seen.
+const RATE_WINDOW: usize = 10;
+/// Above this share of cancelled blocks arriving anyway, a waiting read sends no cancels.
+const FUTILE_CANCELS: f64 = 0.5;
 /// The pipeline is topped up once this fraction of the queue target has drained (batches
 /// picker calls on fast peers; keeps at least the bandwidth-delay product in flight).
 const REFILL_FRACTION: usize = 8;
@@ -194,6 +205,13 @@ pub struct PeerProto {
     their_handshake: Option<ExtendedHandshake>,
     queue_target: usize,
     path: PathEstimate,
+    /// Delivery rate of each of the last `RATE_WINDOW` ticks (bytes/s).
+    recent_rates: VecDeque<f64>,
+    /// Requests cancelled for a waiting read, not yet answered (bounded by `MAX_CANCELLED`).
+    withdrawn: HashSet<BlockRef>,
+    /// Smoothed share of withdrawn requests whose block came anyway (1) rather than a reject
+    /// (0); decays each tick so cancels are tried again.
+    cancel_futility: f64,
     downloaded_since_tick: u64,
     download_rate: f64,
     upload_rate: f64,
@@ -224,6 +242,9 @@ impl PeerProto {
             their_handshake: None,
             queue_target: INITIAL_QUEUE,
             path: PathEstimate::default(),
+            recent_rates: VecDeque::new(),
+            withdrawn: HashSet::new(),
+            cancel_futility: 0.0,
             downloaded_since_tick: 0,
             download_rate: 0.0,
             upload_rate: 0.0,
@@ -372,6 +393,9 @@ impl PeerProto {
             return true;
         }
         if self.cancelled.remove(block) {
+            if self.withdrawn.remove(block) {
+                self.judge_cancel(true);
+            }
             // `cancelled_order` is pruned lazily: stale entries are skipped when popped.
             if self.cancelled_order.len() > 2 * self.cancelled.len() + MAX_QUEUE {
                 let live = &self.cancelled;
@@ -471,20 +495,36 @@ impl PeerProto {
         if !pieces.iter().any(|&p| p < n && self.theirs.get(p)) {
             return;
         }
-        let cancel = self.requested.len().saturating_sub(self.path.bdp_blocks());
+        let cancel = match self.cancel_futility < FUTILE_CANCELS {
+            true => self.requested.len().saturating_sub(self.path.bdp_blocks()),
+            false => 0,
+        };
         if cancel > 0 {
             let mut newest: Vec<(Sent, BlockRef)> =
                 self.requested.iter().map(|(b, s)| (*s, *b)).collect();
             newest.sort_unstable_by(|a, b| b.cmp(a));
             let withdrawn: Vec<BlockRef> = newest.iter().take(cancel).map(|(_, b)| *b).collect();
+            if self.withdrawn.len() + withdrawn.len() > MAX_CANCELLED {
+                let live = &self.cancelled;
+                self.withdrawn.retain(|b| live.contains(b));
+            }
             for &b in &withdrawn {
                 self.cancel_request(b);
                 self.send(Message::Cancel(request_of(b)), now);
+                if self.withdrawn.len() < MAX_CANCELLED {
+                    self.withdrawn.insert(b);
+                }
             }
             self.actions.push_back(Action::Withdrawn(withdrawn));
         }
         self.actions
             .push_back(Action::WantBlocks(share.clamp(1, MAX_QUEUE)));
+    }
+
+    /// A withdrawn request was answered: its block came anyway (`futile`) or was rejected.
+    fn judge_cancel(&mut self, futile: bool) {
+        let sample = if futile { 1.0 } else { 0.0 };
+        self.cancel_futility = 0.75 * self.cancel_futility + 0.25 * sample;
     }
 
     // ---- ticks ----
@@ -506,9 +546,12 @@ impl PeerProto {
         // A short EWMA: responsive enough for 10 s choke rounds.
         self.download_rate = 0.6 * self.download_rate + 0.4 * down;
         self.upload_rate = 0.6 * self.upload_rate + 0.4 * up;
-        // The path's rate follows increases at once (a queue too shallow for the path only
-        // shows as a rate below it) and falls with the EWMA.
-        self.path.rate = self.download_rate.max(down);
+        if self.recent_rates.len() == RATE_WINDOW {
+            self.recent_rates.pop_front();
+        }
+        self.recent_rates.push_back(down);
+        self.path.rate = self.recent_rates.iter().copied().fold(0.0, f64::max);
+        self.cancel_futility *= 0.9;
         if self.path.rate > 0.0 {
             self.queue_target = queue_depth(self.path.rate, self.path.rtt);
         }
@@ -605,6 +648,9 @@ impl PeerProto {
                 }
                 if let Some(b) = self.cfg.lengths.block(r.piece, r.offset, r.length) {
                     let in_flight = self.requested.contains_key(&b);
+                    if !in_flight && self.withdrawn.remove(&b) {
+                        self.judge_cancel(false);
+                    }
                     if self.take_request(&b, now) && in_flight {
                         self.actions.push_back(Action::Rejected(b));
                         self.fill();
@@ -1473,5 +1519,74 @@ mod tests {
             h.msg(piece_msg(c))[..],
             [Action::Close(CloseReason::Violation(_))]
         ));
+    }
+
+    #[test]
+    fn cancels_pause_toward_a_peer_whose_cancelled_blocks_come_anyway() {
+        let mut h = slow_peer_with_requests_outstanding(false);
+        let read = Command::ReadWaiting {
+            pieces: vec![7],
+            share: 4,
+        };
+        let acts = h.cmd(read.clone());
+        let withdrawn = match acts.iter().find(|a| matches!(a, Action::Withdrawn(_))) {
+            Some(Action::Withdrawn(w)) => w.clone(),
+            _ => panic!("{acts:?}"),
+        };
+        // Its uplink had them already: every cancelled block arrives.
+        for b in &withdrawn {
+            h.msg(piece_msg(*b));
+        }
+        // The next read is asked for at once, with no cancels that would only waste the link.
+        h.cmd(Command::Picked(blocks(16)[..12].to_vec()));
+        assert!(h.proto.in_flight() > MIN_QUEUE);
+        assert_eq!(h.cmd(read.clone()), vec![Action::WantBlocks(4)]);
+        // Some seconds on (the judgement decays by a tenth a tick), cancels are tried again.
+        for _ in 0..7 {
+            h.tick(Duration::from_secs(1), 0);
+        }
+        let acts = h.cmd(read);
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Send(Message::Cancel(_)))),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn cancels_go_on_toward_a_peer_that_rejects_what_we_cancel() {
+        let mut h = slow_peer_with_requests_outstanding(true);
+        let read = Command::ReadWaiting {
+            pieces: vec![7],
+            share: 4,
+        };
+        let acts = h.cmd(read.clone());
+        let Some(Action::Withdrawn(withdrawn)) =
+            acts.iter().find(|a| matches!(a, Action::Withdrawn(_)))
+        else {
+            panic!("{acts:?}");
+        };
+        for b in withdrawn {
+            assert_eq!(h.msg(Message::Reject(request_of(*b))), vec![]);
+        }
+        h.cmd(Command::Picked(blocks(16)[..12].to_vec()));
+        let acts = h.cmd(read);
+        assert_eq!(
+            acts.iter()
+                .filter(|a| matches!(a, Action::Send(Message::Cancel(_))))
+                .count(),
+            12,
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn a_tick_with_little_delivered_does_not_shrink_the_queue() {
+        let (mut p, _) = over_a_link(4.0 * 1048576.0, Duration::from_millis(50), 3);
+        let before = p.queue_target();
+        // A second in which the peer sent nothing (we had nothing to ask, or hashing lagged).
+        let later = Instant::now() + Duration::from_secs(4);
+        p.handle(Input::Tick { uploaded: 0 }, later);
+        assert_eq!(p.queue_target(), before);
     }
 }
