@@ -178,6 +178,13 @@ pub enum Action {
         name: &'static str,
         payload: Bytes,
     },
+    /// The path's estimate after a tick, once it has a round trip and a rate (for choosing
+    /// which peers a read's blocks go to).
+    PathEstimated {
+        rtt: Duration,
+        /// Bytes/s.
+        rate: u64,
+    },
     /// Rates after a tick (bytes/s), for the choker and progress lines.
     Rates {
         download: u64,
@@ -559,6 +566,10 @@ impl PeerProto {
             download: self.download_rate as u64,
             upload: self.upload_rate as u64,
         });
+        if let Some(rtt) = self.path.rtt.filter(|_| self.path.rate >= 1.0) {
+            let rate = self.path.rate as u64;
+            self.actions.push_back(Action::PathEstimated { rtt, rate });
+        }
         if now.saturating_duration_since(self.last_sent) >= KEEPALIVE_EVERY {
             self.send(Message::KeepAlive, now);
         }
@@ -1066,6 +1077,12 @@ mod tests {
         let acts = h.tick(Duration::from_millis(5), 0);
         assert_eq!(h.proto.path().rtt, Some(Duration::from_millis(5)));
         assert_eq!(h.proto.queue_target(), 79);
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::PathEstimated { rtt, .. }
+                if *rtt == Duration::from_millis(5))),
+            "{acts:?}"
+        );
         assert!(acts.contains(&Action::WantBlocks(78)), "{acts:?}");
     }
 

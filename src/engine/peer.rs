@@ -333,6 +333,7 @@ impl Conn {
                             .handle(Input::Command(Command::Picked(blocks)), now());
                     }
                 }
+                Action::PathEstimated { rtt, rate } => self.t.lock().peer_path(key, rtt, rate),
                 Action::Rates { download, upload } => {
                     let sent = self.uploaded_since_tick;
                     self.t.lock().peer_rates(key, download, upload, sent);

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::cache::PieceCache;
 use crate::core::choker::{Choker, ChokerConfig, PeerSample};
+use crate::core::layout::BLOCK_SIZE;
 use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
-use crate::core::peer_proto::Command;
+use crate::core::peer_proto::{Command, PathEstimate};
 use crate::core::pex;
 use crate::core::picker::{BlockOutcome, PeerKey, Picker};
 use crate::engine::{PeerSource, SourceCounts};
@@ -50,6 +51,13 @@ const SEQUENTIAL_SLACK: u64 = 1 << 20;
 /// Deadline of the first piece of a read, and the step between later ones.
 const URGENT_DEADLINE: Duration = Duration::from_millis(300);
 const DEADLINE_STEP: Duration = Duration::from_millis(50);
+/// What a read's share assumes of a peer whose path is not estimated yet.
+const UNKNOWN_PATH: PathEstimate = PathEstimate {
+    rtt: Some(Duration::from_millis(100)),
+    rate: 1024.0 * 1024.0,
+};
+/// Blocks of one read spread over the peers one by one; beyond, the rest goes in equal parts.
+const MAX_SPREAD_BLOCKS: usize = 4096;
 
 /// What the state needs to know of the torrent's configuration.
 #[derive(Debug, Clone)]
@@ -88,6 +96,8 @@ struct PeerEntry {
     last_block_at: Option<Instant>,
     strikes: u32,
     is_seed: bool,
+    /// The peer task's latest round trip and rate estimate.
+    path: Option<PathEstimate>,
 }
 
 /// A sequential reader's readahead window (one per open file handle).
@@ -376,6 +386,7 @@ impl State {
                 last_block_at: None,
                 strikes: 0,
                 is_seed: false,
+                path: None,
             },
         );
         self.debug_check();
@@ -455,6 +466,16 @@ impl State {
             p.download_rate = download;
             p.upload_rate = upload;
             p.uploaded += uploaded;
+        }
+    }
+
+    /// The peer task's path estimate after a tick (`rate` in bytes/s).
+    pub fn peer_path(&mut self, key: PeerKey, rtt: Duration, rate: u64) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.path = Some(PathEstimate {
+                rtt: Some(rtt),
+                rate: rate as f64,
+            });
         }
     }
 
@@ -793,9 +814,9 @@ impl State {
     }
 
     /// Peers hear of a read waiting for `missing`. If some of its blocks are not requested
-    /// yet, the peers that have them make room (cancelling bulk requests beyond their path's
-    /// bandwidth-delay product) and ask for them at once, each about an equal share, so the
-    /// blocks spread over the peers; otherwise they only top up.
+    /// yet, they are shared out (`urgent_shares`) and each peer with a share makes room
+    /// (cancelling bulk requests beyond its path's bandwidth-delay product) and asks for them
+    /// at once; the others, and all when nothing is unrequested, only top up.
     fn read_waiting(&self, missing: &[PieceIndex]) {
         let mut unrequested = 0usize;
         let mut pieces = Vec::new();
@@ -812,8 +833,62 @@ impl State {
             }
             return;
         }
-        let share = unrequested.div_ceil(self.peers.len().max(1));
-        self.broadcast(&Command::ReadWaiting { pieces, share });
+        let shares = self.urgent_shares(unrequested);
+        for (key, p) in &self.peers {
+            let c = match shares.get(key) {
+                Some(&share) if share > 0 => Command::ReadWaiting {
+                    pieces: pieces.clone(),
+                    share,
+                },
+                _ => Command::Fill,
+            };
+            let _ = p.tx.send(c);
+        }
+    }
+
+    /// Shares `blocks` out one at a time, each to the peer that would deliver it soonest: its
+    /// requests in flight and the blocks already given to it, at its rate, plus its round
+    /// trip (`UNKNOWN_PATH` until estimated). A fast near peer takes most; a slow far one
+    /// gets none when the others finish first.
+    fn urgent_shares(&self, blocks: usize) -> HashMap<PeerKey, usize> {
+        let mut keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        keys.sort_unstable();
+        let mut load: Vec<(PeerKey, f64, f64, f64)> = keys
+            .iter()
+            .map(|&k| {
+                let path = self.peers[&k].path.unwrap_or(UNKNOWN_PATH);
+                let rtt = path.rtt.unwrap_or_default().as_secs_f64();
+                let block_time = BLOCK_SIZE as f64 / path.rate.max(1.0);
+                (k, self.picker.in_flight(k) as f64, block_time, rtt)
+            })
+            .collect();
+        let mut shares: HashMap<PeerKey, usize> = HashMap::new();
+        if load.is_empty() {
+            return shares;
+        }
+        let spread = blocks.min(MAX_SPREAD_BLOCKS);
+        for _ in 0..spread {
+            let soonest = load
+                .iter_mut()
+                .min_by(|a, b| {
+                    let eta = |x: &(PeerKey, f64, f64, f64)| (x.1 + 1.0) * x.2 + x.3;
+                    eta(a).total_cmp(&eta(b))
+                })
+                .map(|x| {
+                    x.1 += 1.0;
+                    x.0
+                });
+            if let Some(k) = soonest {
+                *shares.entry(k).or_insert(0) += 1;
+            }
+        }
+        let rest = (blocks - spread).div_ceil(load.len());
+        if rest > 0 {
+            for k in keys {
+                *shares.entry(k).or_insert(0) += rest;
+            }
+        }
+        shares
     }
 
     /// The read that `read_wants` started is over (answered, failed or dropped).
@@ -1184,5 +1259,46 @@ mod tests {
             .map(|b| b.piece)
             .collect();
         assert_eq!(next, vec![8, 8]);
+    }
+
+    #[test]
+    fn a_reads_blocks_go_to_the_peers_that_deliver_them_soonest() {
+        let mut st = state(8, 8, "........");
+        let (near, mut rx_near) = join(&mut st, 2);
+        let (far, mut rx_far) = join(&mut st, 3);
+        let ms = Duration::from_millis;
+        st.peer_path(near, ms(10), 16 << 20);
+        st.peer_path(far, ms(200), 256 << 10);
+        let pieces: Vec<PieceIndex> = (0..4).map(|i| st.cfg.lengths.piece(i).unwrap()).collect();
+        // 8 blocks: all 8 from the near peer take 18 ms, the far one's first would take 262.
+        st.read_wants(None, 0, 4 * PIECE as u64, &pieces, Instant::now());
+        assert_eq!(
+            drain(&mut rx_near),
+            vec![Command::ReadWaiting {
+                pieces: vec![0, 1, 2, 3],
+                share: 8
+            }]
+        );
+        assert_eq!(drain(&mut rx_far), vec![Command::Fill]);
+    }
+
+    #[test]
+    fn a_peer_with_a_long_queue_gets_a_smaller_share() {
+        let mut st = state(16, 16, "................");
+        st.picker.set_background(true);
+        let (busy, mut rx_busy) = join(&mut st, 2);
+        let (idle, _rx_idle) = join(&mut st, 3);
+        for k in [busy, idle] {
+            st.peer_path(k, Duration::from_millis(50), 4 << 20);
+        }
+        let all = Bitfield::full(16);
+        st.peer_bitfield(&all);
+        // 8 blocks (32 ms at 4 MiB/s) queued at one peer.
+        assert_eq!(st.pick(busy, &all, 8, Instant::now()).len(), 8);
+        drain(&mut rx_busy);
+        let shares = st.urgent_shares(16);
+        // The idle peer takes 8 first (its queue catches up with the busy one's), then both 4.
+        assert_eq!(shares[&idle], 12);
+        assert_eq!(shares[&busy], 4);
     }
 }
