@@ -911,7 +911,9 @@ impl State {
         self.debug_check();
     }
 
-    /// The picker's readahead list: every stream's index pieces first, then the windows.
+    /// The picker's readahead list: every stream's index pieces first, then the windows taken
+    /// in turns, a piece of each stream at a time, so streams share the bandwidth left after
+    /// waiting reads instead of the first stream's whole window going first.
     fn apply_readahead(&mut self) {
         let mut pieces: Vec<PieceIndex> = Vec::new();
         for s in self.streams.values_mut() {
@@ -922,22 +924,29 @@ impl State {
                 }
             }
         }
-        for s in self.streams.values() {
+        let mut ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        ids.sort_unstable();
+        let mut windows: Vec<std::ops::Range<u32>> = Vec::new();
+        for id in ids {
+            let s = &self.streams[&id];
             let end = s.next_offset.saturating_add(s.window).min(s.end);
-            if s.window == 0 || end <= s.next_offset {
-                continue;
+            if s.window > 0 && end > s.next_offset {
+                let range = self
+                    .cfg
+                    .lengths
+                    .pieces_for_range(s.next_offset, end - s.next_offset);
+                windows.push(range);
             }
-            for i in self
-                .cfg
-                .lengths
-                .pieces_for_range(s.next_offset, end - s.next_offset)
-            {
-                if let Some(p) = self.cfg.lengths.piece(i) {
+        }
+        while !windows.is_empty() {
+            for w in windows.iter_mut() {
+                if let Some(p) = w.next().and_then(|i| self.cfg.lengths.piece(i)) {
                     if !self.picker.has(p) && !pieces.contains(&p) {
                         pieces.push(p);
                     }
                 }
             }
+            windows.retain(|w| !w.is_empty());
         }
         self.picker.set_readahead(&pieces);
     }
@@ -1300,5 +1309,33 @@ mod tests {
         // The idle peer takes 8 first (its queue catches up with the busy one's), then both 4.
         assert_eq!(shares[&idle], 12);
         assert_eq!(shares[&busy], 4);
+    }
+
+    #[test]
+    fn two_streams_readahead_in_turns() {
+        let mut st = state(20, 20, "....................");
+        let (k, _rx) = join(&mut st, 2);
+        let all = Bitfield::full(20);
+        let p = |i: u32| st.cfg.lengths.piece(i).unwrap();
+        let (p0, p10) = (p(0), p(10));
+        let half = 10 * PIECE as u64;
+        // Two files, pieces 0..10 and 10..20, each read at its start.
+        let a = st.open_stream(0, half);
+        let b = st.open_stream(half, 2 * half);
+        st.read_wants(Some(a), 0, 100, &[p0], Instant::now());
+        st.read_wants(Some(b), half, half + 100, &[p10], Instant::now());
+        let picked: Vec<u32> = st
+            .pick(k, &all, 64, Instant::now())
+            .iter()
+            .map(|b| b.piece)
+            .collect();
+        // Both reads, the files' last pieces (index), then the windows a piece of each in turn.
+        let windows: Vec<u32> = picked
+            .iter()
+            .copied()
+            .filter(|&i| i != 9 && i != 19 && i != 0 && i != 10)
+            .step_by(2)
+            .collect();
+        assert_eq!(windows, vec![1, 11, 2, 12, 3, 13, 4, 14], "{picked:?}");
     }
 }
