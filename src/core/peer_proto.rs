@@ -500,6 +500,9 @@ impl PeerProto {
         }
         let n = self.theirs.len();
         if !pieces.iter().any(|&p| p < n && self.theirs.get(p)) {
+            // Given a share of pieces it lacks: it still tops up, as `Fill` would, so the
+            // read's blocks also reach it through the picker if others have them.
+            self.fill();
             return;
         }
         let cancel = match self.cancel_futility < FUTILE_CANCELS {
@@ -1496,7 +1499,7 @@ mod tests {
     }
 
     #[test]
-    fn a_waiting_read_leaves_a_peer_alone_that_lacks_its_pieces_or_chokes_us() {
+    fn a_waiting_read_only_tops_up_a_peer_that_lacks_its_pieces_and_leaves_one_that_chokes_us() {
         let mut h = Harness::new(false, "........");
         h.msg(Message::Bitfield(Bytes::from_static(&[0x7f])));
         h.msg(Message::Unchoke);
@@ -1505,7 +1508,11 @@ mod tests {
             pieces: vec![0],
             share: 4,
         };
-        assert_eq!(h.cmd(read.clone()), vec![], "it lacks piece 0");
+        assert_eq!(
+            h.cmd(read.clone()),
+            vec![Action::WantBlocks(INITIAL_QUEUE - 8)],
+            "it lacks piece 0: no cancels"
+        );
         h.msg(Message::Choke);
         h.msg(Message::Have(0));
         assert_eq!(h.cmd(read), vec![], "it chokes us");
