@@ -4,7 +4,7 @@
 //! the proxy's queue, up to `--buffer` bytes, before it goes out at the link's rate). The cap is
 //! shared by all connections through the proxy, as the seeder's uplink is. With `--announce` the
 //! proxy announces itself to an HTTP tracker as the seeder, so clients only ever reach the seeder
-//! through it. `--stats FILE` is rewritten every second with the bytes sent to clients.
+//! through it. `--stats FILE` is rewritten every 50 ms with the bytes sent to clients.
 //!
 //!   cargo run --release --example wan_proxy -- --listen 127.0.0.21:7000 \
 //!       --upstream 127.0.0.11:6881 --delay-ms 25 --rate 4MiB \
@@ -82,9 +82,13 @@ async fn main() -> anyhow::Result<()> {
         let link = link.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let line = format!("sent {}\n", link.sent.load(Ordering::Relaxed));
-                let _ = std::fs::write(&path, line);
+                // Written whole, then renamed: a reader never sees a half-written file.
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, line).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
             }
         });
     }

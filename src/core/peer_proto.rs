@@ -16,12 +16,14 @@
 //!   outstanding any number of times cannot grow it, and `requested` is never cleared wholesale.
 //!   A block re-requested after we cancelled it is in both sets: the peer may send it twice
 //!   (once for the cancelled request it had already served, once for the new one).
+//!   `cancelled` counts copies: a block requested, cancelled, requested and cancelled again may
+//!   arrive twice, and both are accepted.
 //! - Fast-extension facts (their allowed-fast pieces), the extension handshake, rate samples.
 //!
 //! # Requests sized to the path
-//! Each request remembers when it was sent and how many were in flight ahead of it. When its
-//! block arrives, its latency minus the time those ahead took at the peer's rate is one sample
-//! of the round trip (`PathEstimate`). The queue target is the bandwidth-delay product that
+//! Each request remembers when it was sent. The least latency from a request to its block is
+//! the path's round trip (`PathEstimate`): every other latency adds what queued ahead of it.
+//! The queue target is the bandwidth-delay product that
 //! estimate gives plus a margin (`queue_depth`), topped up once an eighth of it drained, so the
 //! path stays full but little waits at the peer beyond it: a slow far peer gets a shallow
 //! queue, and what we ask of it later (a read) does not wait behind seconds of bulk requests;
@@ -54,22 +56,29 @@ use crate::core::wire::{BlockRequest, ExtendedHandshake, Message, MAX_REQUEST_LE
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 /// We send a keep-alive after this long without sending anything.
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(90);
-/// Requests kept in flight to a peer before anything is known of its path.
-pub const INITIAL_QUEUE: usize = 64;
+/// Requests kept in flight to a peer before anything is known of its path: a burst that a
+/// far, slow peer serves in under a round trip or two (what we send first waits in its uplink
+/// ahead of any read), and that a near one outgrows at its first rate sample.
+pub const INITIAL_QUEUE: usize = 16;
 /// Bounds of the queue target once the path is estimated. The ceiling stays below what other
 /// clients accept from one peer (libtorrent: 500 by default; our own upload queue: 16 MiB).
 pub const MIN_QUEUE: usize = 4;
 pub const MAX_QUEUE: usize = 512;
-/// Time of the path's rate added to 1.25 round trips in the queue target: covers the refill
-/// batch, rate changes between ticks and the engine's own latency.
+/// Time of the path's rate added to the round trip in the queue target: covers jitter in the
+/// peer's and the engine's own latency. It is about what a read's blocks wait behind at the
+/// peer, so it is kept short.
 pub const QUEUE_SLACK: Duration = Duration::from_millis(20);
+/// The pipeline is topped up in batches of what the path delivers in this long (at least a
+/// block, at most `MAX_QUEUE / 8`): one picker call per block on a slow path, batches on a
+/// fast one.
+const REFILL_SPAN: Duration = Duration::from_millis(2);
 /// Ticks over which the path's rate is the best one seen.
 const RATE_WINDOW: usize = 10;
+/// Shortest span of a delivery-rate sample taken between ticks (and at least two round trips),
+/// so a new peer's queue grows to its path within a fraction of a second, not at the first tick.
+const RATE_SAMPLE_SPAN: Duration = Duration::from_millis(100);
 /// Above this share of cancelled blocks arriving anyway, a waiting read sends no cancels.
 const FUTILE_CANCELS: f64 = 0.5;
-/// The pipeline is topped up once this fraction of the queue target has drained (batches
-/// picker calls on fast peers; keeps at least the bandwidth-delay product in flight).
-const REFILL_FRACTION: usize = 8;
 /// Round-trip samples are capped here (a peer that stalls is not a long path).
 const MAX_RTT: Duration = Duration::from_secs(5);
 /// Cancelled-but-may-still-arrive requests remembered per peer (oldest forgotten first).
@@ -129,6 +138,9 @@ pub enum Command {
     ReadWaiting {
         pieces: Vec<u32>,
         share: usize,
+        /// Pieces some read waits for (this one's and earlier ones'): their requests are
+        /// never withdrawn, so one read does not push another's blocks back.
+        urgent: Vec<u32>,
     },
     /// The data for an `Action::Upload` is not available (evicted, or our send queue is full).
     UploadUnavailable(BlockRequest),
@@ -206,14 +218,21 @@ pub struct PeerProto {
     /// A bitfield, have-all, have-none or have was received.
     availability_known: bool,
     requested: HashMap<BlockRef, Sent>,
-    cancelled: HashSet<BlockRef>,
+    /// Copies of each cancelled block that may still arrive.
+    cancelled: HashMap<BlockRef, u32>,
     cancelled_order: VecDeque<BlockRef>,
     allowed_fast: Vec<u32>,
     their_handshake: Option<ExtendedHandshake>,
     queue_target: usize,
     path: PathEstimate,
-    /// Delivery rate of each of the last `RATE_WINDOW` ticks (bytes/s).
+    /// Delivery rate of each of the last `RATE_WINDOW` ticks (bytes/s): the tick's average or
+    /// its best sample, whichever is higher.
     recent_rates: VecDeque<f64>,
+    /// The delivery-rate sample being taken: since the block that opened it, and bytes since.
+    sample_since: Option<Instant>,
+    sample_bytes: u64,
+    /// The best sample of the current tick (bytes/s).
+    tick_best_rate: f64,
     /// Requests cancelled for a waiting read, not yet answered (bounded by `MAX_CANCELLED`).
     withdrawn: HashSet<BlockRef>,
     /// Smoothed share of withdrawn requests whose block came anyway (1) rather than a reject
@@ -243,13 +262,16 @@ impl PeerProto {
             lacking: 0,
             availability_known: false,
             requested: HashMap::new(),
-            cancelled: HashSet::new(),
+            cancelled: HashMap::new(),
             cancelled_order: VecDeque::new(),
             allowed_fast: Vec::new(),
             their_handshake: None,
             queue_target: INITIAL_QUEUE,
             path: PathEstimate::default(),
             recent_rates: VecDeque::new(),
+            sample_since: None,
+            sample_bytes: 0,
+            tick_best_rate: 0.0,
             withdrawn: HashSet::new(),
             cancel_futility: 0.0,
             downloaded_since_tick: 0,
@@ -369,12 +391,12 @@ impl PeerProto {
         }
     }
 
-    /// Tops up the pipeline: asks the picker for blocks once an eighth of the queue drained.
+    /// Tops up the pipeline: asks the picker for blocks once a refill batch has drained.
     fn fill(&mut self) {
         if self.peer_choking || !self.am_interested {
             return;
         }
-        let batch = (self.queue_target / REFILL_FRACTION).max(1);
+        let batch = refill_batch(self.path.rate);
         if self.requested.len() + batch > self.queue_target {
             return;
         }
@@ -383,7 +405,12 @@ impl PeerProto {
     }
 
     fn cancel_request(&mut self, block: BlockRef) {
-        if self.requested.remove(&block).is_some() && self.cancelled.insert(block) {
+        if self.requested.remove(&block).is_none() {
+            return;
+        }
+        let copies = self.cancelled.entry(block).or_insert(0);
+        *copies += 1;
+        if *copies == 1 {
             self.cancelled_order.push_back(block);
             while self.cancelled_order.len() > MAX_CANCELLED {
                 if let Some(old) = self.cancelled_order.pop_front() {
@@ -396,17 +423,25 @@ impl PeerProto {
     /// A block we may receive: in flight or cancelled. Removes it from whichever set holds it.
     fn take_request(&mut self, block: &BlockRef, now: Instant) -> bool {
         if let Some(sent) = self.requested.remove(block) {
-            self.path.delivered(sent, now);
+            // A block also cancelled earlier may be the copy of that older request: its
+            // latency from the new one would be too short to be a round trip.
+            if !self.cancelled.contains_key(block) {
+                self.path.delivered(sent, now);
+            }
             return true;
         }
-        if self.cancelled.remove(block) {
+        if let Some(copies) = self.cancelled.get_mut(block) {
+            *copies -= 1;
+            if *copies == 0 {
+                self.cancelled.remove(block);
+            }
             if self.withdrawn.remove(block) {
                 self.judge_cancel(true);
             }
             // `cancelled_order` is pruned lazily: stale entries are skipped when popped.
             if self.cancelled_order.len() > 2 * self.cancelled.len() + MAX_QUEUE {
                 let live = &self.cancelled;
-                self.cancelled_order.retain(|b| live.contains(b));
+                self.cancelled_order.retain(|b| live.contains_key(b));
             }
             return true;
         }
@@ -474,7 +509,11 @@ impl PeerProto {
                     }
                 }
             }
-            Command::ReadWaiting { pieces, share } => self.read_waiting(&pieces, share, now),
+            Command::ReadWaiting {
+                pieces,
+                share,
+                urgent,
+            } => self.read_waiting(&pieces, share, &urgent, now),
             Command::UploadUnavailable(r) => {
                 if self.cfg.fast {
                     self.send(Message::Reject(r), now);
@@ -494,7 +533,7 @@ impl PeerProto {
     /// the refill rule says; it returns deadline blocks first. The pipeline refills with
     /// bulk only as it drains, so cancelled blocks the peer had already sent are accepted when
     /// they come rather than asked for again.
-    fn read_waiting(&mut self, pieces: &[u32], share: usize, now: Instant) {
+    fn read_waiting(&mut self, pieces: &[u32], share: usize, urgent: &[u32], now: Instant) {
         if self.peer_choking || !self.am_interested {
             return;
         }
@@ -510,13 +549,17 @@ impl PeerProto {
             false => 0,
         };
         if cancel > 0 {
-            let mut newest: Vec<(Sent, BlockRef)> =
-                self.requested.iter().map(|(b, s)| (*s, *b)).collect();
+            let mut newest: Vec<(Sent, BlockRef)> = self
+                .requested
+                .iter()
+                .filter(|(b, _)| !urgent.contains(&b.piece))
+                .map(|(b, s)| (*s, *b))
+                .collect();
             newest.sort_unstable_by(|a, b| b.cmp(a));
             let withdrawn: Vec<BlockRef> = newest.iter().take(cancel).map(|(_, b)| *b).collect();
             if self.withdrawn.len() + withdrawn.len() > MAX_CANCELLED {
                 let live = &self.cancelled;
-                self.withdrawn.retain(|b| live.contains(b));
+                self.withdrawn.retain(|b| live.contains_key(b));
             }
             for &b in &withdrawn {
                 self.cancel_request(b);
@@ -529,6 +572,32 @@ impl PeerProto {
         }
         self.actions
             .push_back(Action::WantBlocks(share.clamp(1, MAX_QUEUE)));
+    }
+
+    /// `len` bytes of a block arrived: counted for the tick, and for the rate sample, which
+    /// closes once it spans `RATE_SAMPLE_SPAN` and two round trips. A sample above the path's
+    /// rate raises it (and the queue target) at once; lower ones wait for the tick's verdict.
+    fn on_delivered(&mut self, len: u64, now: Instant) {
+        self.downloaded_since_tick += len;
+        let Some(since) = self.sample_since else {
+            self.sample_since = Some(now);
+            self.sample_bytes = 0;
+            return;
+        };
+        self.sample_bytes += len;
+        let span = now.saturating_duration_since(since);
+        let min_span = RATE_SAMPLE_SPAN.max(2 * self.path.rtt.unwrap_or_default());
+        if span < min_span {
+            return;
+        }
+        let rate = self.sample_bytes as f64 / span.as_secs_f64();
+        self.tick_best_rate = self.tick_best_rate.max(rate);
+        if rate > self.path.rate {
+            self.path.rate = rate;
+            self.queue_target = queue_depth(self.path.rate, self.path.rtt);
+        }
+        self.sample_since = Some(now);
+        self.sample_bytes = 0;
     }
 
     /// A withdrawn request was answered: its block came anyway (`futile`) or was rejected.
@@ -559,7 +628,8 @@ impl PeerProto {
         if self.recent_rates.len() == RATE_WINDOW {
             self.recent_rates.pop_front();
         }
-        self.recent_rates.push_back(down);
+        self.recent_rates.push_back(down.max(self.tick_best_rate));
+        self.tick_best_rate = 0.0;
         self.path.rate = self.recent_rates.iter().copied().fold(0.0, f64::max);
         self.cancel_futility *= 0.9;
         if self.path.rate > 0.0 {
@@ -649,7 +719,7 @@ impl PeerProto {
                         "piece {piece}@{offset} that we did not request"
                     )));
                 }
-                self.downloaded_since_tick += data.len() as u64;
+                self.on_delivered(data.len() as u64, now);
                 self.actions.push_back(Action::BlockArrived { block, data });
                 self.fill();
             }
@@ -773,34 +843,20 @@ struct Sent {
 /// One peer's path as we see it: round trip and delivery rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PathEstimate {
-    /// Smoothed round trip (request to first byte of its block, queueing at the peer removed).
+    /// Round trip: the least latency seen from a request to its block.
     pub rtt: Option<Duration>,
     /// Delivery rate, bytes/s (0 until the first tick with data).
     pub rate: f64,
 }
 
 impl PathEstimate {
-    /// A block requested at `sent` arrived at `now`. Its latency is about the larger of the
-    /// round trip and the time the blocks ahead of it (and it) take at the path's rate. When
-    /// those explain under 80% of it, it is a round-trip sample; otherwise the pipe was full and
-    /// it only bounds the round trip from above. Without a rate only a request with nothing
-    /// ahead is a sample.
+    /// A block requested at `sent` arrived at `now`: its latency is the round trip plus what
+    /// queued ahead of it, so the least one seen is the round trip. Not an average: behind a
+    /// deep uplink buffer a full pipe never drains, and averaging would count our own queue as
+    /// distance, which raises the queue target, which lengthens the queue.
     fn delivered(&mut self, sent: Sent, now: Instant) {
         let latency = now.saturating_duration_since(sent.at).min(MAX_RTT);
-        let queued = if sent.ahead == 0 {
-            0.0
-        } else if self.rate > 0.0 {
-            (sent.ahead as f64 + 1.0) * BLOCK_SIZE as f64 / self.rate
-        } else {
-            return;
-        };
-        let secs = latency.as_secs_f64();
-        self.rtt = match self.rtt {
-            None if secs >= 1.25 * queued => Some(latency),
-            None => None,
-            Some(old) if secs >= 1.25 * queued => Some(old.mul_f64(0.875) + latency.mul_f64(0.125)),
-            Some(old) => Some(old.min(latency)),
-        };
+        self.rtt = Some(self.rtt.map_or(latency, |old| old.min(latency)));
     }
 
     /// Requests that fill the path (bandwidth-delay product), at least `MIN_QUEUE`.
@@ -811,15 +867,22 @@ impl PathEstimate {
     }
 }
 
-/// The queue target for a path of `rate` bytes/s and round trip `rtt`: the rate times 1.25
-/// round trips plus `QUEUE_SLACK`, within `MIN_QUEUE..=MAX_QUEUE`. Topped up at 7/8 of it,
-/// the pipeline keeps the bandwidth-delay product in flight; what waits at the peer beyond
-/// it (and delays a read's blocks) is about a quarter round trip plus the slack.
+/// The queue target for a path of `rate` bytes/s and round trip `rtt`: the rate times the
+/// round trip plus `QUEUE_SLACK`, plus a refill batch, within `MIN_QUEUE..=MAX_QUEUE`. Topped
+/// up whenever a batch drained, the pipeline never holds less than the bandwidth-delay product
+/// plus the slack; what waits at the peer beyond the path (and delays a read's blocks) is the
+/// slack and a batch.
 pub fn queue_depth(rate: f64, rtt: Option<Duration>) -> usize {
     let rtt = rtt.unwrap_or_default().as_secs_f64();
-    let seconds = 1.25 * rtt + QUEUE_SLACK.as_secs_f64();
-    let blocks = (rate.max(0.0) * seconds / BLOCK_SIZE as f64).ceil();
+    let seconds = rtt + QUEUE_SLACK.as_secs_f64();
+    let blocks = (rate.max(0.0) * seconds / BLOCK_SIZE as f64).ceil() + refill_batch(rate) as f64;
     (blocks.min(MAX_QUEUE as f64) as usize).max(MIN_QUEUE)
+}
+
+/// Blocks asked for at once when topping up a path of `rate` bytes/s.
+fn refill_batch(rate: f64) -> usize {
+    let blocks = rate.max(0.0) * REFILL_SPAN.as_secs_f64() / BLOCK_SIZE as f64;
+    (blocks as usize).clamp(1, MAX_QUEUE / 8)
 }
 
 fn violation(what: impl Into<String>) -> CloseReason {
@@ -1047,20 +1110,26 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_refills_once_an_eighth_of_the_queue_drained() {
+    fn pipeline_refills_in_batches_of_what_the_path_delivers_in_2_ms() {
+        // Nothing known of the path: each block that arrives is asked for again at once.
         let mut h = Harness::unchoked_by_seed(false);
         let picked = blocks(INITIAL_QUEUE as u32);
         h.cmd(Command::Picked(picked.clone()));
-        // Receiving up to an eighth of the queue asks for nothing; then, for the difference.
-        let batch = INITIAL_QUEUE / REFILL_FRACTION;
-        for (i, b) in picked.iter().enumerate().take(batch) {
+        assert!(h.msg(piece_msg(picked[0])).contains(&Action::WantBlocks(1)));
+        // 128 MiB/s delivers 16 blocks in 2 ms: nothing until 16 drained, then 16.
+        let mut h = Harness::unchoked_by_seed(false);
+        h.proto.path.rate = 128.0 * 1048576.0;
+        h.proto.queue_target = 64;
+        let picked = blocks(64);
+        h.cmd(Command::Picked(picked.clone()));
+        for (i, b) in picked.iter().enumerate().take(16) {
             let acts = h.msg(piece_msg(*b));
             assert!(matches!(acts[0], Action::BlockArrived { .. }));
             let want = acts.iter().find(|a| matches!(a, Action::WantBlocks(_)));
-            if i + 1 < batch {
+            if i + 1 < 16 {
                 assert_eq!(want, None, "after {} blocks", i + 1);
             } else {
-                assert_eq!(want, Some(&Action::WantBlocks(batch)));
+                assert_eq!(want, Some(&Action::WantBlocks(16)));
             }
         }
     }
@@ -1076,17 +1145,17 @@ mod tests {
         }
         h.cmd(Command::Picked(blocks(1)));
         // 30 blocks in 10 ms: 3,000 blocks/s; round trip 5 ms (the first block, nothing ahead
-        // of it): 3,000 * (1.25 * 5 ms + 20 ms) = 78.75 -> 79 blocks, up from 64.
+        // of it): 3,000 * (5 ms + 20 ms) = 75 blocks, and a refill batch of 2 ms (6 blocks).
         let acts = h.tick(Duration::from_millis(5), 0);
         assert_eq!(h.proto.path().rtt, Some(Duration::from_millis(5)));
-        assert_eq!(h.proto.queue_target(), 79);
+        assert_eq!(h.proto.queue_target(), 81);
         assert!(
             acts.iter()
                 .any(|a| matches!(a, Action::PathEstimated { rtt, .. }
                 if *rtt == Duration::from_millis(5))),
             "{acts:?}"
         );
-        assert!(acts.contains(&Action::WantBlocks(78)), "{acts:?}");
+        assert!(acts.contains(&Action::WantBlocks(80)), "{acts:?}");
     }
 
     #[test]
@@ -1173,8 +1242,8 @@ mod tests {
         let picked = blocks(INITIAL_QUEUE as u32);
         h.cmd(Command::Picked(picked.clone()));
         assert_eq!(
-            h.cmd(Command::Expired(picked[..40].to_vec())),
-            vec![Action::WantBlocks(40)]
+            h.cmd(Command::Expired(picked[..10].to_vec())),
+            vec![Action::WantBlocks(10)]
         );
         assert!(matches!(
             h.msg(piece_msg(picked[0]))[0],
@@ -1336,8 +1405,9 @@ mod tests {
     #[test]
     fn queue_depth_is_the_bandwidth_delay_product_plus_a_margin() {
         let ms = Duration::from_millis;
-        // 4 MiB/s, 50 ms: 4 MiB/s * (62.5 + 20) ms = 21.1 -> 22 blocks (BDP 12.8).
-        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 22);
+        // 4 MiB/s, 50 ms: 4 MiB/s * (50 + 20) ms = 17.9 -> 18 blocks (BDP 12.8), and a refill
+        // batch of 1.
+        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 19);
         // A slow far peer: 256 KiB/s, 200 ms -> 5 blocks, not a 64-block floor (4 s of it).
         assert_eq!(queue_depth(262144.0, Some(ms(200))), 5);
         // Nothing known, or a trickle: the floor.
@@ -1351,34 +1421,32 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_samples_come_from_requests_the_queue_did_not_hold_up() {
+    fn the_round_trip_is_the_least_latency_seen() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut path = PathEstimate {
             rtt: None,
             rate: 0.0,
         };
-        // No rate yet: only a request with nothing ahead is a sample.
-        path.delivered(Sent { at: t0, ahead: 3 }, t0 + ms(90));
-        assert_eq!(path.rtt, None);
-        path.delivered(Sent { at: t0, ahead: 0 }, t0 + ms(50));
+        path.delivered(Sent { at: t0, ahead: 0 }, t0 + ms(54));
+        assert_eq!(path.rtt, Some(ms(54)));
+        // Blocks that queued behind others at the peer do not lengthen it, however many.
+        for i in 1..100 {
+            path.delivered(Sent { at: t0, ahead: 20 }, t0 + ms(80 + i));
+        }
+        assert_eq!(path.rtt, Some(ms(54)));
+        path.delivered(Sent { at: t0, ahead: 3 }, t0 + ms(50));
         assert_eq!(path.rtt, Some(ms(50)));
-        // 4 MiB/s: a block every 3.9 ms. 21 blocks take 82 ms: a full pipe, no sample.
-        path.rate = 256.0 * BLOCK_SIZE as f64;
-        path.delivered(Sent { at: t0, ahead: 20 }, t0 + ms(82));
-        assert_eq!(path.rtt, Some(ms(50)));
-        // 6 blocks take 23 ms of 60: a sample, smoothed in by 1/8.
-        path.delivered(Sent { at: t0, ahead: 5 }, t0 + ms(60));
-        assert_eq!(path.rtt, Some(Duration::from_micros(51_250)));
-        // A full pipe that delivered in 45 ms bounds the round trip.
-        path.delivered(Sent { at: t0, ahead: 10 }, t0 + ms(45));
-        assert_eq!(path.rtt, Some(ms(45)));
+        // A stall is not a long path.
+        let mut stalled = PathEstimate::default();
+        stalled.delivered(Sent { at: t0, ahead: 0 }, t0 + Duration::from_secs(60));
+        assert_eq!(stalled.rtt, Some(MAX_RTT));
     }
 
     /// A peer behind a link of `rate` bytes/s and round trip `rtt` with a deep buffer, serving
-    /// our requests in order, for `secs` seconds of ticks. Returns the machine and the bytes
+    /// our requests in order, for `run` (ticks every second). Returns the machine and the bytes
     /// delivered in the last second.
-    fn over_a_link(rate: f64, rtt: Duration, secs: u32) -> (PeerProto, f64) {
+    fn over_a_link(rate: f64, rtt: Duration, run: Duration) -> (PeerProto, f64) {
         const N: u32 = 4096;
         let mut c = cfg(false);
         c.lengths = Lengths::new(N as u64 * PIECE_LEN as u64, PIECE_LEN, N as u64).unwrap();
@@ -1392,7 +1460,7 @@ mod tests {
         let mut link_free = t0;
         let mut next_block = 0u32;
         let mut next_tick = t0 + Duration::from_secs(1);
-        let end = t0 + Duration::from_secs(secs as u64);
+        let end = t0 + run;
         let mut last_second = 0.0;
         let mut now = t0;
         loop {
@@ -1412,7 +1480,7 @@ mod tests {
             }
             let arrival = on_the_way.front().map(|(at, _)| *at);
             match arrival {
-                Some(at) if at < next_tick => {
+                Some(at) if at < next_tick.min(end) => {
                     now = at;
                     let (_, b) = on_the_way.pop_front().unwrap();
                     if now + Duration::from_secs(1) >= end {
@@ -1420,11 +1488,9 @@ mod tests {
                     }
                     p.handle(Input::Message(piece_msg(b)), now);
                 }
+                _ if next_tick >= end => return (p, last_second),
                 _ => {
                     now = next_tick;
-                    if now >= end {
-                        return (p, last_second);
-                    }
                     next_tick += Duration::from_secs(1);
                     p.handle(Input::Tick { uploaded: 0 }, now);
                 }
@@ -1435,10 +1501,11 @@ mod tests {
     #[test]
     fn a_slow_far_peer_gets_a_shallow_queue_that_still_fills_its_path() {
         let rate = 4.0 * 1048576.0;
-        let (p, last_second) = over_a_link(rate, Duration::from_millis(50), 6);
+        let (p, last_second) = over_a_link(rate, Duration::from_millis(50), Duration::from_secs(6));
         let rtt = p.path().rtt.unwrap().as_secs_f64();
         assert!((0.045..0.060).contains(&rtt), "round trip {rtt}");
-        // 1.25 x BDP (16 blocks) + 20 ms of rate (5.1): about 22, far below the old floor of 64.
+        // BDP (13 blocks) + 20 ms of rate (5.1) + a refill batch: about 19-20, far below the old
+        // floor of 64.
         assert!(
             (19..=26).contains(&p.queue_target()),
             "{}",
@@ -1451,9 +1518,26 @@ mod tests {
     #[test]
     fn a_fast_near_peer_gets_a_deep_queue() {
         let rate = 1024.0 * 1048576.0;
-        let (p, last_second) = over_a_link(rate, Duration::from_micros(200), 3);
+        let (p, last_second) = over_a_link(rate, Duration::from_micros(200), Duration::from_secs(3));
         assert_eq!(p.queue_target(), MAX_QUEUE);
         assert!(last_second >= 0.95 * rate, "{last_second} of {rate}");
+    }
+
+    #[test]
+    fn a_new_peer_s_queue_reaches_its_path_before_the_first_tick() {
+        // Far and slow: the first burst (16 blocks) fills 50 ms at 4 MiB/s; the first rate
+        // sample, two round trips later, sets the target to the BDP + 20 ms of rate + a batch.
+        let ms = Duration::from_millis;
+        let (p, _) = over_a_link(4.0 * 1048576.0, ms(50), ms(400));
+        assert!(
+            (19..=26).contains(&p.queue_target()),
+            "{}",
+            p.queue_target()
+        );
+        assert!(p.in_flight() <= p.queue_target());
+        // Near and fast: the ceiling within the first 200 ms.
+        let (p, _) = over_a_link(1024.0 * 1048576.0, Duration::from_micros(200), ms(200));
+        assert_eq!(p.queue_target(), MAX_QUEUE);
     }
 
     /// A peer with a measured path: 256 KiB/s, 50 ms (queue target and BDP at the floor of 4),
@@ -1479,6 +1563,7 @@ mod tests {
         let acts = h.cmd(Command::ReadWaiting {
             pieces: vec![7],
             share: 4,
+            urgent: vec![],
         });
         // Keep the 4 oldest (the path's BDP: already on their way); cancel the 12 newest.
         let newest: Vec<BlockRef> = (20..32).rev().map(|i| blocks(32)[i]).collect();
@@ -1499,6 +1584,66 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_read_leaves_the_requests_of_urgent_pieces_alone() {
+        let mut h = slow_peer_with_requests_outstanding(false);
+        // 12 requests beyond the path, but pieces 6 and 7 (blocks 24..32, the newest) are
+        // wanted by reads: only the 8 bulk blocks before them are cancelled.
+        let acts = h.cmd(Command::ReadWaiting {
+            pieces: vec![7],
+            share: 4,
+            urgent: vec![6, 7],
+        });
+        let withdrawn: Vec<BlockRef> = (16..24).rev().map(|i| blocks(32)[i]).collect();
+        assert!(acts.contains(&Action::Withdrawn(withdrawn)), "{acts:?}");
+        assert_eq!(h.proto.in_flight(), 8);
+    }
+
+    #[test]
+    fn a_re_requested_block_is_no_round_trip_sample() {
+        let mut h = slow_peer_with_requests_outstanding(false);
+        let rtt = h.proto.path().rtt;
+        assert_eq!(rtt, Some(Duration::from_millis(50)));
+        h.cmd(Command::ReadWaiting {
+            pieces: vec![0],
+            share: 4,
+            urgent: vec![],
+        });
+        // Cancelled, asked for again, and the copy already on its way arrives 1 ms later.
+        let b = blocks(32)[31];
+        h.cmd(Command::Picked(vec![b]));
+        h.now += Duration::from_millis(1);
+        assert!(matches!(h.msg(piece_msg(b))[0], Action::BlockArrived { .. }));
+        assert_eq!(h.proto.path().rtt, rtt);
+    }
+
+    #[test]
+    fn a_block_cancelled_twice_may_arrive_twice() {
+        let mut h = slow_peer_with_requests_outstanding(false);
+        let b = blocks(32)[31];
+        let read = Command::ReadWaiting {
+            pieces: vec![0],
+            share: 4,
+            urgent: vec![],
+        };
+        // Requested, cancelled by a read, requested again, cancelled by the next read: a
+        // peer that had served both requests before either cancel sends it twice.
+        h.cmd(read.clone());
+        h.cmd(Command::Picked(vec![b]));
+        h.cmd(read);
+        assert_eq!(h.proto.cancelled_count(), 12);
+        for copy in 1..=2 {
+            assert!(
+                matches!(h.msg(piece_msg(b))[0], Action::BlockArrived { .. }),
+                "copy {copy}"
+            );
+        }
+        assert!(matches!(
+            h.msg(piece_msg(b))[..],
+            [Action::Close(CloseReason::Violation(_))]
+        ));
+    }
+
+    #[test]
     fn a_waiting_read_only_tops_up_a_peer_that_lacks_its_pieces_and_leaves_one_that_chokes_us() {
         let mut h = Harness::new(false, "........");
         h.msg(Message::Bitfield(Bytes::from_static(&[0x7f])));
@@ -1507,6 +1652,7 @@ mod tests {
         let read = Command::ReadWaiting {
             pieces: vec![0],
             share: 4,
+            urgent: vec![],
         };
         assert_eq!(
             h.cmd(read.clone()),
@@ -1524,6 +1670,7 @@ mod tests {
         h.cmd(Command::ReadWaiting {
             pieces: vec![7],
             share: 4,
+            urgent: vec![],
         });
         let b = blocks(32)[31];
         // The picker gives the withdrawn block back after the read's: requested again.
@@ -1551,6 +1698,7 @@ mod tests {
         let read = Command::ReadWaiting {
             pieces: vec![7],
             share: 4,
+            urgent: vec![],
         };
         let acts = h.cmd(read.clone());
         let withdrawn = match acts.iter().find(|a| matches!(a, Action::Withdrawn(_))) {
@@ -1583,6 +1731,7 @@ mod tests {
         let read = Command::ReadWaiting {
             pieces: vec![7],
             share: 4,
+            urgent: vec![],
         };
         let acts = h.cmd(read.clone());
         let Some(Action::Withdrawn(withdrawn)) =
@@ -1606,7 +1755,7 @@ mod tests {
 
     #[test]
     fn a_tick_with_little_delivered_does_not_shrink_the_queue() {
-        let (mut p, _) = over_a_link(4.0 * 1048576.0, Duration::from_millis(50), 3);
+        let (mut p, _) = over_a_link(4.0 * 1048576.0, Duration::from_millis(50), Duration::from_secs(3));
         let before = p.queue_target();
         // A second in which the peer sent nothing (we had nothing to ask, or hashing lagged).
         let later = Instant::now() + Duration::from_secs(4);

@@ -333,7 +333,14 @@ impl Conn {
                             .handle(Input::Command(Command::Picked(blocks)), now());
                     }
                 }
-                Action::PathEstimated { rtt, rate } => self.t.lock().peer_path(key, rtt, rate),
+                Action::PathEstimated { rtt, rate } => {
+                    log::trace!(
+                        "peer {key:?}: round trip {rtt:?}, {rate} B/s, queue target {}, {} in flight",
+                        self.proto.queue_target(),
+                        self.proto.in_flight()
+                    );
+                    self.t.lock().peer_path(key, rtt, rate)
+                }
                 Action::Rates { download, upload } => {
                     let sent = self.uploaded_since_tick;
                     self.t.lock().peer_rates(key, download, upload, sent);

@@ -834,11 +834,19 @@ impl State {
             return;
         }
         let shares = self.urgent_shares(unrequested);
+        let mut urgent: Vec<u32> = self
+            .read_waiters
+            .keys()
+            .copied()
+            .filter(|&p| self.cfg.lengths.piece(p).is_some_and(|p| !self.picker.has(p)))
+            .collect();
+        urgent.sort_unstable();
         for (key, p) in &self.peers {
             let c = match shares.get(key) {
                 Some(&share) if share > 0 => Command::ReadWaiting {
                     pieces: pieces.clone(),
                     share,
+                    urgent: urgent.clone(),
                 },
                 _ => Command::Fill,
             };
@@ -1215,6 +1223,7 @@ mod tests {
         let want = Command::ReadWaiting {
             pieces: vec![0],
             share: 1,
+            urgent: vec![0],
         };
         assert_eq!(drain(&mut rx_a), vec![want.clone()]);
         assert_eq!(drain(&mut rx_b), vec![want]);
@@ -1285,7 +1294,8 @@ mod tests {
             drain(&mut rx_near),
             vec![Command::ReadWaiting {
                 pieces: vec![0, 1, 2, 3],
-                share: 8
+                share: 8,
+                urgent: vec![0, 1, 2, 3],
             }]
         );
         assert_eq!(drain(&mut rx_far), vec![Command::Fill]);
