@@ -68,6 +68,12 @@ pub const MAX_QUEUE: usize = 512;
 /// peer's and the engine's own latency. It is about what a read's blocks wait behind at the
 /// peer, so it is kept short.
 pub const QUEUE_SLACK: Duration = Duration::from_millis(20);
+/// The slack while reads nobody anticipated (random access, seeks) come in, and for how long
+/// after the last one: background requests yield, so what such a read waits behind at the
+/// peer is about the path alone. Sequential streams, whose reads the readahead anticipates,
+/// keep the full slack.
+const YIELD_SLACK: Duration = Duration::from_millis(2);
+const YIELD_FOR: Duration = Duration::from_secs(2);
 /// The pipeline is topped up in batches of what the path delivers in this long (at least a
 /// block, at most `MAX_QUEUE / 8`): one picker call per block on a slow path, batches on a
 /// fast one.
@@ -235,6 +241,8 @@ pub struct PeerProto {
     tick_best_rate: f64,
     /// Requests cancelled for a waiting read, not yet answered (bounded by `MAX_CANCELLED`).
     withdrawn: HashSet<BlockRef>,
+    /// Until when background requests yield to reads (`YIELD_SLACK`).
+    yield_until: Option<Instant>,
     /// Smoothed share of withdrawn requests whose block came anyway (1) rather than a reject
     /// (0); decays each tick so cancels are tried again.
     cancel_futility: f64,
@@ -273,6 +281,7 @@ impl PeerProto {
             sample_bytes: 0,
             tick_best_rate: 0.0,
             withdrawn: HashSet::new(),
+            yield_until: None,
             cancel_futility: 0.0,
             downloaded_since_tick: 0,
             download_rate: 0.0,
@@ -527,18 +536,31 @@ impl PeerProto {
         }
     }
 
-    /// A read waits for `pieces`: if the peer has one, cancel the newest requests beyond the
+    /// What the queue target allows beyond the path's bandwidth-delay product, in time.
+    fn slack(&self, now: Instant) -> Duration {
+        match self.yield_until {
+            Some(until) if now < until => YIELD_SLACK,
+            _ => QUEUE_SLACK,
+        }
+    }
+
+    /// A read waits for `pieces`: background requests yield for `YIELD_FOR`. If the peer has
+    /// one of the pieces and a `share` of their blocks, cancel the newest requests beyond the
     /// path's bandwidth-delay product (the read's blocks would be served after them; the older
     /// ones are on their way already) and ask the picker at once for `share` blocks, whatever
     /// the refill rule says; it returns deadline blocks first. The pipeline refills with
     /// bulk only as it drains, so cancelled blocks the peer had already sent are accepted when
     /// they come rather than asked for again.
     fn read_waiting(&mut self, pieces: &[u32], share: usize, urgent: &[u32], now: Instant) {
+        self.yield_until = Some(now + YIELD_FOR);
+        if self.path.rate > 0.0 {
+            self.queue_target = queue_depth(self.path.rate, self.path.rtt, YIELD_SLACK);
+        }
         if self.peer_choking || !self.am_interested {
             return;
         }
         let n = self.theirs.len();
-        if !pieces.iter().any(|&p| p < n && self.theirs.get(p)) {
+        if share == 0 || !pieces.iter().any(|&p| p < n && self.theirs.get(p)) {
             // Given a share of pieces it lacks: it still tops up, as `Fill` would, so the
             // read's blocks also reach it through the picker if others have them.
             self.fill();
@@ -594,7 +616,7 @@ impl PeerProto {
         self.tick_best_rate = self.tick_best_rate.max(rate);
         if rate > self.path.rate {
             self.path.rate = rate;
-            self.queue_target = queue_depth(self.path.rate, self.path.rtt);
+            self.queue_target = queue_depth(self.path.rate, self.path.rtt, self.slack(now));
         }
         self.sample_since = Some(now);
         self.sample_bytes = 0;
@@ -633,7 +655,7 @@ impl PeerProto {
         self.path.rate = self.recent_rates.iter().copied().fold(0.0, f64::max);
         self.cancel_futility *= 0.9;
         if self.path.rate > 0.0 {
-            self.queue_target = queue_depth(self.path.rate, self.path.rtt);
+            self.queue_target = queue_depth(self.path.rate, self.path.rtt, self.slack(now));
         }
         self.actions.push_back(Action::Rates {
             download: self.download_rate as u64,
@@ -868,13 +890,13 @@ impl PathEstimate {
 }
 
 /// The queue target for a path of `rate` bytes/s and round trip `rtt`: the rate times the
-/// round trip plus `QUEUE_SLACK`, plus a refill batch, within `MIN_QUEUE..=MAX_QUEUE`. Topped
+/// round trip plus `slack`, plus a refill batch, within `MIN_QUEUE..=MAX_QUEUE`. Topped
 /// up whenever a batch drained, the pipeline never holds less than the bandwidth-delay product
 /// plus the slack; what waits at the peer beyond the path (and delays a read's blocks) is the
 /// slack and a batch.
-pub fn queue_depth(rate: f64, rtt: Option<Duration>) -> usize {
+pub fn queue_depth(rate: f64, rtt: Option<Duration>, slack: Duration) -> usize {
     let rtt = rtt.unwrap_or_default().as_secs_f64();
-    let seconds = rtt + QUEUE_SLACK.as_secs_f64();
+    let seconds = rtt + slack.as_secs_f64();
     let blocks = (rate.max(0.0) * seconds / BLOCK_SIZE as f64).ceil() + refill_batch(rate) as f64;
     (blocks.min(MAX_QUEUE as f64) as usize).max(MIN_QUEUE)
 }
@@ -1407,15 +1429,19 @@ mod tests {
         let ms = Duration::from_millis;
         // 4 MiB/s, 50 ms: 4 MiB/s * (50 + 20) ms = 17.9 -> 18 blocks (BDP 12.8), and a refill
         // batch of 1.
-        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50))), 19);
+        assert_eq!(queue_depth(4.0 * 1048576.0, Some(ms(50)), QUEUE_SLACK), 19);
         // A slow far peer: 256 KiB/s, 200 ms -> 5 blocks, not a 64-block floor (4 s of it).
-        assert_eq!(queue_depth(262144.0, Some(ms(200))), 5);
+        assert_eq!(queue_depth(262144.0, Some(ms(200)), QUEUE_SLACK), 5);
         // Nothing known, or a trickle: the floor.
-        assert_eq!(queue_depth(0.0, None), MIN_QUEUE);
-        assert_eq!(queue_depth(1000.0, Some(ms(10))), MIN_QUEUE);
+        assert_eq!(queue_depth(0.0, None, QUEUE_SLACK), MIN_QUEUE);
+        assert_eq!(queue_depth(1000.0, Some(ms(10)), QUEUE_SLACK), MIN_QUEUE);
         // A fast near peer: 1 GiB/s on loopback -> the ceiling.
         assert_eq!(
-            queue_depth(1024.0 * 1048576.0, Some(Duration::from_micros(100))),
+            queue_depth(
+                1024.0 * 1048576.0,
+                Some(Duration::from_micros(100)),
+                QUEUE_SLACK
+            ),
             MAX_QUEUE
         );
     }
@@ -1518,7 +1544,8 @@ mod tests {
     #[test]
     fn a_fast_near_peer_gets_a_deep_queue() {
         let rate = 1024.0 * 1048576.0;
-        let (p, last_second) = over_a_link(rate, Duration::from_micros(200), Duration::from_secs(3));
+        let (p, last_second) =
+            over_a_link(rate, Duration::from_micros(200), Duration::from_secs(3));
         assert_eq!(p.queue_target(), MAX_QUEUE);
         assert!(last_second >= 0.95 * rate, "{last_second} of {rate}");
     }
@@ -1599,6 +1626,30 @@ mod tests {
     }
 
     #[test]
+    fn background_requests_yield_while_unanticipated_reads_come_in() {
+        let ms = Duration::from_millis;
+        let mut h = Harness::unchoked_by_seed(false);
+        let rate = 4.0 * 1048576.0;
+        h.proto.path = PathEstimate {
+            rtt: Some(ms(50)),
+            rate,
+        };
+        h.proto.recent_rates.push_back(rate);
+        h.tick(ms(1000), 0);
+        assert_eq!(h.proto.queue_target(), 19, "BDP + 20 ms + a batch");
+        h.cmd(Command::ReadWaiting {
+            pieces: vec![0],
+            share: 0,
+            urgent: vec![],
+        });
+        assert_eq!(h.proto.queue_target(), 15, "BDP + 2 ms + a batch");
+        h.tick(ms(1000), 0);
+        assert_eq!(h.proto.queue_target(), 15, "still yielding");
+        h.tick(ms(1500), 0);
+        assert_eq!(h.proto.queue_target(), 19, "2 s after the read");
+    }
+
+    #[test]
     fn a_re_requested_block_is_no_round_trip_sample() {
         let mut h = slow_peer_with_requests_outstanding(false);
         let rtt = h.proto.path().rtt;
@@ -1612,7 +1663,10 @@ mod tests {
         let b = blocks(32)[31];
         h.cmd(Command::Picked(vec![b]));
         h.now += Duration::from_millis(1);
-        assert!(matches!(h.msg(piece_msg(b))[0], Action::BlockArrived { .. }));
+        assert!(matches!(
+            h.msg(piece_msg(b))[0],
+            Action::BlockArrived { .. }
+        ));
         assert_eq!(h.proto.path().rtt, rtt);
     }
 
@@ -1755,7 +1809,11 @@ mod tests {
 
     #[test]
     fn a_tick_with_little_delivered_does_not_shrink_the_queue() {
-        let (mut p, _) = over_a_link(4.0 * 1048576.0, Duration::from_millis(50), Duration::from_secs(3));
+        let (mut p, _) = over_a_link(
+            4.0 * 1048576.0,
+            Duration::from_millis(50),
+            Duration::from_secs(3),
+        );
         let before = p.queue_target();
         // A second in which the peer sent nothing (we had nothing to ask, or hashing lagged).
         let later = Instant::now() + Duration::from_secs(4);

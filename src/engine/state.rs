@@ -814,9 +814,10 @@ impl State {
     }
 
     /// Peers hear of a read waiting for `missing`. If some of its blocks are not requested
-    /// yet, they are shared out (`urgent_shares`) and each peer with a share makes room
-    /// (cancelling bulk requests beyond its path's bandwidth-delay product) and asks for them
-    /// at once; the others, and all when nothing is unrequested, only top up.
+    /// yet (nothing anticipated the read: random access, a seek), every peer's background
+    /// requests yield for a while, the blocks are shared out (`urgent_shares`), and each peer
+    /// with a share makes room (cancelling bulk requests beyond its path's bandwidth-delay
+    /// product) and asks for them at once. When all are requested already, peers only top up.
     fn read_waiting(&self, missing: &[PieceIndex]) {
         let mut unrequested = 0usize;
         let mut pieces = Vec::new();
@@ -838,17 +839,21 @@ impl State {
             .read_waiters
             .keys()
             .copied()
-            .filter(|&p| self.cfg.lengths.piece(p).is_some_and(|p| !self.picker.has(p)))
+            .filter(|&p| {
+                self.cfg
+                    .lengths
+                    .piece(p)
+                    .is_some_and(|p| !self.picker.has(p))
+            })
             .collect();
         urgent.sort_unstable();
+        // Every peer hears of it (its background requests yield), those with a share ask for
+        // their part of the read's blocks at once.
         for (key, p) in &self.peers {
-            let c = match shares.get(key) {
-                Some(&share) if share > 0 => Command::ReadWaiting {
-                    pieces: pieces.clone(),
-                    share,
-                    urgent: urgent.clone(),
-                },
-                _ => Command::Fill,
+            let c = Command::ReadWaiting {
+                pieces: pieces.clone(),
+                share: shares.get(key).copied().unwrap_or(0),
+                urgent: urgent.clone(),
             };
             let _ = p.tx.send(c);
         }
@@ -1298,7 +1303,15 @@ mod tests {
                 urgent: vec![0, 1, 2, 3],
             }]
         );
-        assert_eq!(drain(&mut rx_far), vec![Command::Fill]);
+        // The far one gets no share, but hears of the read (its background requests yield).
+        assert_eq!(
+            drain(&mut rx_far),
+            vec![Command::ReadWaiting {
+                pieces: vec![0, 1, 2, 3],
+                share: 0,
+                urgent: vec![0, 1, 2, 3],
+            }]
+        );
     }
 
     #[test]
