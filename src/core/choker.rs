@@ -161,6 +161,19 @@ impl Choker {
         }
     }
 
+    /// A peer connected: unchoked at once, before it says it is interested, while the regular
+    /// slots (counting every peer in them, interested or not) have room. Saves it a round trip
+    /// (interested, then unchoke) before its first request, as libtorrent does; a peer that
+    /// never gets interested takes no slot from one that is.
+    pub fn on_connected(&mut self, peer: PeerKey) -> bool {
+        if self.regular.len() < self.cfg.regular_slots && !self.regular.contains(&peer) {
+            self.regular.push(peer);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Forgets a disconnected peer; its slot is free at once.
     pub fn peer_gone(&mut self, peer: PeerKey) {
         self.regular.retain(|&k| k != peer);
@@ -543,5 +556,21 @@ mod tests {
         // The next round keeps them: they are among the best four interested peers.
         let d = sim.run(4..11);
         assert_eq!(regular(&d[0].1), vec![2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn new_peers_are_unchoked_before_they_ask_while_slots_last() {
+        let mut sim = swarm("......", &[0; 6]);
+        let now = sim.at(0);
+        for k in 0..4 {
+            assert!(sim.choker.on_connected(k), "peer {k}");
+        }
+        assert!(!sim.choker.on_connected(4), "four slots, all given");
+        // None of them got interested: an interested newcomer still gets a slot at once.
+        sim.peers[5].interested = true;
+        assert!(sim.choker.on_interested(now, 5, &sim.peers));
+        // The next round keeps only interested peers.
+        let d = sim.run(1..2);
+        assert_eq!(regular(&d[0].1), vec![5]);
     }
 }

@@ -389,6 +389,9 @@ impl State {
                 path: None,
             },
         );
+        if self.picker.have().count_ones() > 0 && self.choker.on_connected(key) {
+            self.set_unchoked(key, true);
+        }
         self.debug_check();
         Some((key, self.picker.have().clone()))
     }
