@@ -180,6 +180,8 @@ pub enum Action {
     PeerInterested(bool),
     /// The peer choked us: the picker releases every request we had there.
     ChokedUs,
+    /// The peer unchoked us (before the `WantBlocks` that follows).
+    UnchokedUs,
     /// A block we asked for arrived (the picker decides whether it is still wanted).
     BlockArrived {
         block: BlockRef,
@@ -715,6 +717,7 @@ impl PeerProto {
             Message::Unchoke => {
                 if self.peer_choking {
                     self.peer_choking = false;
+                    self.actions.push_back(Action::UnchokedUs);
                     self.fill();
                 }
             }
@@ -986,7 +989,7 @@ mod tests {
             h.msg(Message::Bitfield(Bytes::from_static(&[0xff])));
             assert_eq!(
                 h.msg(Message::Unchoke),
-                vec![Action::WantBlocks(INITIAL_QUEUE)]
+                vec![Action::UnchokedUs, Action::WantBlocks(INITIAL_QUEUE)]
             );
             h
         }
@@ -1218,7 +1221,7 @@ mod tests {
             assert!(h.proto.cancelled_count() <= MAX_CANCELLED);
             assert_eq!(
                 h.msg(Message::Unchoke),
-                vec![Action::WantBlocks(INITIAL_QUEUE)]
+                vec![Action::UnchokedUs, Action::WantBlocks(INITIAL_QUEUE)]
             );
         }
         let b = block(7, 3);

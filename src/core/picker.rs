@@ -164,12 +164,14 @@ enum Mode {
     Duplicate,
 }
 
-/// What one `pick` call asks for: blocks for `peer`, at `now`, at most `max` of them.
+/// What one `pick` call asks for: blocks for `peer`, at `now`, at most `max` of them, of
+/// which at most `deadline_max` of pieces with a deadline.
 #[derive(Debug, Clone, Copy)]
 struct Ask {
     peer: PeerKey,
     now: Instant,
     max: usize,
+    deadline_max: usize,
 }
 
 /// Everything `take_blocks` needs besides the piece itself.
@@ -428,12 +430,30 @@ impl Picker {
         max: usize,
         now: Instant,
     ) -> Vec<BlockRef> {
+        self.pick_sharing_deadlines(peer, peer_pieces, max, usize::MAX, now)
+    }
+
+    /// `pick`, giving this peer at most `deadline_max` blocks of deadline pieces (its share of
+    /// a waiting read's: the rest is left for peers that deliver sooner).
+    pub fn pick_sharing_deadlines(
+        &mut self,
+        peer: PeerKey,
+        peer_pieces: &Bitfield,
+        max: usize,
+        deadline_max: usize,
+        now: Instant,
+    ) -> Vec<BlockRef> {
         let mut out = Vec::with_capacity(max.min(MAX_PICK_CAPACITY));
         if max > 0 {
             let urgent = Mode::Urgent {
                 stale_after: self.urgent_window / 2,
             };
-            let ask = Ask { peer, now, max };
+            let ask = Ask {
+                peer,
+                now,
+                max,
+                deadline_max,
+            };
             self.pick_priority(ask, peer_pieces, urgent, Mode::Fresh, &mut out);
             self.pick_partials(ask, peer_pieces, Mode::Fresh, &mut out);
             if self.background {
@@ -470,7 +490,12 @@ impl Picker {
         let max = ask.max;
         let urgent_until = ask.now.checked_add(self.urgent_window);
         let mut cursor: Option<(Instant, u32)> = None;
-        while out.len() < max {
+        let taken = out.len();
+        let deadline_ask = Ask {
+            max: max.min(taken.saturating_add(ask.deadline_max)),
+            ..ask
+        };
+        while out.len() < deadline_ask.max {
             let next = match cursor {
                 None => self.deadline_order.iter().next(),
                 Some(c) => self
@@ -491,7 +516,7 @@ impl Picker {
             } else {
                 Mode::Fresh
             };
-            self.take_piece(piece, ask, mode, out);
+            self.take_piece(piece, deadline_ask, mode, out);
         }
         let mut i = 0;
         while out.len() < max && i < self.readahead.len() {
@@ -516,9 +541,9 @@ impl Picker {
             if ctx.out.len() >= ask.max {
                 break;
             }
-            let wanted = self.background
-                || self.deadlines.contains_key(&piece)
-                || self.readahead_set.contains(&piece);
+            // Deadline pieces were offered in their share already.
+            let deadline = self.deadlines.contains_key(&piece);
+            let wanted = !deadline && (self.background || self.readahead_set.contains(&piece));
             if wanted && peer_pieces.get(piece) {
                 take_blocks(piece, ip, &mut ctx);
             }
@@ -693,6 +718,15 @@ impl Picker {
             PieceState::Partial => self.in_progress.get(&p).map_or(0, |ip| ip.missing),
             PieceState::Hashing | PieceState::Have => 0,
         }
+    }
+
+    /// Blocks of deadline pieces nobody has requested.
+    pub fn unrequested_deadline_blocks(&self) -> usize {
+        self.deadlines
+            .keys()
+            .filter_map(|&p| self.lengths.piece(p))
+            .map(|p| self.unrequested_blocks(p) as usize)
+            .sum()
     }
 
     /// Blocks requested from `peer` and not yet received, rejected, expired or released.

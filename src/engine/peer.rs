@@ -318,6 +318,7 @@ impl Conn {
                 Action::PeerIsSeed => self.t.lock().peer_is_seed(key),
                 Action::PeerInterested(on) => self.t.lock().peer_interested(key, on, now()),
                 Action::ChokedUs => self.t.lock().peer_choked_us(key),
+                Action::UnchokedUs => self.t.lock().peer_unchoked_us(key),
                 Action::Rejected(b) => self.t.lock().block_rejected(key, b),
                 Action::Withdrawn(blocks) => self.t.lock().requests_withdrawn(key, &blocks),
                 Action::BlockArrived { block, data } => {

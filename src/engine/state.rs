@@ -58,6 +58,9 @@ const UNKNOWN_PATH: PathEstimate = PathEstimate {
 };
 /// Blocks of one read spread over the peers one by one; beyond, the rest goes in equal parts.
 const MAX_SPREAD_BLOCKS: usize = 4096;
+/// A peer that has not unchoked us yet counts for a read's share this long after connecting
+/// (it is likely to unchoke within a round trip or two: seeders unchoke newcomers at once).
+const UNCHOKE_EXPECTED_WITHIN: Duration = Duration::from_secs(2);
 
 /// What the state needs to know of the torrent's configuration.
 #[derive(Debug, Clone)]
@@ -98,6 +101,8 @@ struct PeerEntry {
     is_seed: bool,
     /// The peer task's latest round trip and rate estimate.
     path: Option<PathEstimate>,
+    /// Whether it unchoked us (None: it has said neither yet).
+    unchoking_us: Option<bool>,
 }
 
 /// A sequential reader's readahead window (one per open file handle).
@@ -387,6 +392,7 @@ impl State {
                 strikes: 0,
                 is_seed: false,
                 path: None,
+                unchoking_us: None,
             },
         );
         if self.picker.have().count_ones() > 0 && self.choker.on_connected(key) {
@@ -547,7 +553,22 @@ impl State {
         max: usize,
         now: Instant,
     ) -> Vec<BlockRef> {
-        let blocks = self.picker.pick(key, bitfield, max, now);
+        // A waiting read's blocks not yet asked for: this peer takes its share, the rest is
+        // left for the peers that deliver sooner (the first peer to unchoke us does not take
+        // a whole piece that eight peers would bring in an eighth of the time).
+        let pending = self.picker.unrequested_deadline_blocks();
+        let deadline_max = match pending {
+            0 => usize::MAX,
+            n => self
+                .urgent_shares(n, now)
+                .get(&key)
+                .copied()
+                .unwrap_or(0)
+                .max(1),
+        };
+        let blocks = self
+            .picker
+            .pick_sharing_deadlines(key, bitfield, max, deadline_max, now);
         self.debug_check();
         blocks
     }
@@ -565,7 +586,16 @@ impl State {
         self.debug_check();
     }
 
+    pub fn peer_unchoked_us(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.unchoking_us = Some(true);
+        }
+    }
+
     pub fn peer_choked_us(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.unchoking_us = Some(false);
+        }
         if !self.picker.peer_choked(key).is_empty() {
             self.wake_peers();
         }
@@ -811,7 +841,7 @@ impl State {
             }
         }
         self.apply_readahead();
-        self.read_waiting(&missing);
+        self.read_waiting(&missing, now);
         self.debug_check();
         missing
     }
@@ -821,7 +851,7 @@ impl State {
     /// requests yield for a while, the blocks are shared out (`urgent_shares`), and each peer
     /// with a share makes room (cancelling bulk requests beyond its path's bandwidth-delay
     /// product) and asks for them at once. When all are requested already, peers only top up.
-    fn read_waiting(&self, missing: &[PieceIndex]) {
+    fn read_waiting(&self, missing: &[PieceIndex], now: Instant) {
         let mut unrequested = 0usize;
         let mut pieces = Vec::new();
         for &p in missing {
@@ -837,7 +867,7 @@ impl State {
             }
             return;
         }
-        let shares = self.urgent_shares(unrequested);
+        let shares = self.urgent_shares(unrequested, now);
         let mut urgent: Vec<u32> = self
             .read_waiters
             .keys()
@@ -865,9 +895,17 @@ impl State {
     /// Shares `blocks` out one at a time, each to the peer that would deliver it soonest: its
     /// requests in flight and the blocks already given to it, at its rate, plus its round
     /// trip (`UNKNOWN_PATH` until estimated). A fast near peer takes most; a slow far one
-    /// gets none when the others finish first.
-    fn urgent_shares(&self, blocks: usize) -> HashMap<PeerKey, usize> {
-        let mut keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+    /// gets none when the others finish first. Only peers that unchoke us, or may soon, count.
+    fn urgent_shares(&self, blocks: usize, now: Instant) -> HashMap<PeerKey, usize> {
+        let mut keys: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| match p.unchoking_us {
+                Some(unchoking) => unchoking,
+                None => now.saturating_duration_since(p.connected_at) < UNCHOKE_EXPECTED_WITHIN,
+            })
+            .map(|(k, _)| *k)
+            .collect();
         keys.sort_unstable();
         let mut load: Vec<(PeerKey, f64, f64, f64)> = keys
             .iter()
@@ -878,6 +916,18 @@ impl State {
                 (k, self.picker.in_flight(k) as f64, block_time, rtt)
             })
             .collect();
+        // Connections in their handshake get shares too (left for them when they unchoke us):
+        // on a fresh mount the first peer in would otherwise take the whole read.
+        let unknown_block_time = BLOCK_SIZE as f64 / UNKNOWN_PATH.rate;
+        let unknown_rtt = UNKNOWN_PATH.rtt.unwrap_or_default().as_secs_f64();
+        for i in 0..self.connecting.min(MAX_HALF_OPEN) {
+            load.push((
+                PeerKey::MAX - i as u64,
+                0.0,
+                unknown_block_time,
+                unknown_rtt,
+            ));
+        }
         let mut shares: HashMap<PeerKey, usize> = HashMap::new();
         if load.is_empty() {
             return shares;
@@ -1224,7 +1274,7 @@ mod tests {
     fn a_read_waiting_for_unrequested_blocks_gives_every_peer_a_share() {
         let mut st = state(8, 8, "........");
         let (a, mut rx_a) = join(&mut st, 2);
-        let (_b, mut rx_b) = join(&mut st, 3);
+        let (b, mut rx_b) = join(&mut st, 3);
         let p0 = st.cfg.lengths.piece(0).unwrap();
         st.read_wants(None, 0, 100, &[p0], Instant::now());
         // Two unrequested blocks over two peers: one each.
@@ -1235,8 +1285,10 @@ mod tests {
         };
         assert_eq!(drain(&mut rx_a), vec![want.clone()]);
         assert_eq!(drain(&mut rx_b), vec![want]);
+        // Each peer asking for more takes only its share of the read's blocks.
+        assert_eq!(st.pick(a, &Bitfield::full(8), 2, Instant::now()).len(), 1);
+        assert_eq!(st.pick(b, &Bitfield::full(8), 2, Instant::now()).len(), 1);
         // Every block requested: a second read of it only tops the peers up.
-        st.pick(a, &Bitfield::full(8), 2, Instant::now());
         st.read_wants(None, 0, 100, &[p0], Instant::now());
         assert_eq!(drain(&mut rx_a), vec![Command::Fill]);
         // Withdrawn requests go back to the pool for any peer.
@@ -1249,8 +1301,34 @@ mod tests {
                 length: BLOCK_SIZE,
             })
             .collect();
-        st.requests_withdrawn(a, &blocks);
+        st.requests_withdrawn(a, &blocks[..1]);
+        st.requests_withdrawn(b, &blocks[1..]);
         assert_eq!(st.picker.unrequested_blocks(p0), 2);
+    }
+
+    #[test]
+    fn a_read_is_shared_among_peers_unchoking_us_or_about_to() {
+        let mut st = state(8, 8, "........");
+        let (a, _rx_a) = join(&mut st, 2);
+        let (b, _rx_b) = join(&mut st, 3);
+        let (c, _rx_c) = join(&mut st, 4);
+        st.peer_unchoked_us(a);
+        st.peer_choked_us(b);
+        // c has said neither yet, just after connecting: it is expected to unchoke us soon.
+        let shares = st.urgent_shares(16, Instant::now());
+        assert_eq!(shares.get(&a), Some(&8));
+        assert_eq!(shares.get(&c), Some(&8));
+        assert!(!shares.contains_key(&b));
+        // Seconds after connecting without unchoking us, c no longer counts.
+        let later = Instant::now() + Duration::from_secs(3);
+        let shares = st.urgent_shares(16, later);
+        assert_eq!(shares.get(&a), Some(&16));
+        assert!(!shares.contains_key(&c));
+        // A connection in its handshake is kept a share.
+        st.add_candidate("127.0.0.1:2000".parse().unwrap(), PeerSource::Tracker);
+        assert!(st.start_connect().is_some());
+        let shares = st.urgent_shares(16, later);
+        assert_eq!(shares.get(&a), Some(&8));
     }
 
     #[test]
@@ -1331,7 +1409,7 @@ mod tests {
         // 8 blocks (32 ms at 4 MiB/s) queued at one peer.
         assert_eq!(st.pick(busy, &all, 8, Instant::now()).len(), 8);
         drain(&mut rx_busy);
-        let shares = st.urgent_shares(16);
+        let shares = st.urgent_shares(16, Instant::now());
         // The idle peer takes 8 first (its queue catches up with the busy one's), then both 4.
         assert_eq!(shares[&idle], 12);
         assert_eq!(shares[&busy], 4);
