@@ -106,10 +106,11 @@ fn make_torrent(dir: &Path, len: usize, piece_length: &str) -> (Vec<u8>, Metainf
 
 /// The defect: a peer that choked us with requests outstanding left them in our "requested"
 /// set; past 2,048 entries the whole set was cleared, and the next legitimate block looked
-/// unrequested, so the honest peer was dropped. Peer A (a seed) chokes us with 64 requests
-/// outstanding 32 times; after each choke peer B announces exactly those pieces and delivers
-/// them, so each round's requests to A are new. Then A serves honestly and must be kept until
-/// the download completes.
+/// unrequested, so the honest peer was dropped. Peer A (a seed) chokes us with our first burst
+/// of requests (`INITIAL_QUEUE`) outstanding, again and again until more than 2,048 were left
+/// behind; after each choke peer B announces exactly those pieces and delivers them, so each
+/// round's requests to A are new. Then A serves honestly and must be kept until the download
+/// completes.
 #[test]
 fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,10 +132,15 @@ fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
     b.accept_handshake(b'b');
     a.send(&Message::Bitfield(Bytes::from(vec![0xff; pieces / 8])));
     b.send(&Message::Unchoke); // B has nothing yet
-    for round in 0..32 {
+    let burst = swarmfs::core::peer_proto::INITIAL_QUEUE;
+    for round in 0..2048 / burst + 8 {
         a.send(&Message::Unchoke);
-        let asked: HashSet<BlockRequest> = (0..64).map(|_| a.next_request("A")).collect();
-        assert_eq!(asked.len(), 64, "round {round}: 64 distinct requests");
+        let asked: HashSet<BlockRequest> = (0..burst).map(|_| a.next_request("A")).collect();
+        assert_eq!(
+            asked.len(),
+            burst,
+            "round {round}: {burst} distinct requests"
+        );
         a.send(&Message::Choke);
         for r in &asked {
             b.send(&Message::Have(r.piece));
