@@ -78,15 +78,19 @@ fn a_leecher_that_knows_only_the_seeder_learns_the_other_leechers_through_pex() 
     }
     let l3 = leecher(tmp.path(), &torrent, "l3", seed_addr);
     let dir = l3.dir.clone();
+    // l3 ends up with both leechers. It dials those PEX named to it; one of them may dial it
+    // first (PEX named l3 to them too), and then that one is incoming. Without PEX neither
+    // could happen: only the seeder's address is given to anyone.
     let value = with_watchdog(Duration::from_secs(45), "pex peers", move || loop {
         let v = peers_xattr(&dir);
-        if count(&v, "pex") >= 2 {
+        if count(&v, "pex") + count(&v, "incoming") >= 2 {
             return v;
         }
         std::thread::sleep(Duration::from_millis(100));
     });
     assert_eq!(count(&value, "direct"), 1, "{value}");
-    assert_eq!(count(&value, "pex"), 2, "{value}");
+    assert!(count(&value, "pex") >= 1, "{value}");
+    assert_eq!(count(&value, "pex") + count(&value, "incoming"), 2, "{value}");
 }
 
 /// The `m` dictionary of the extension handshake `addr` sends for `info_hash`.
