@@ -90,7 +90,11 @@ fn a_leecher_that_knows_only_the_seeder_learns_the_other_leechers_through_pex() 
     });
     assert_eq!(count(&value, "direct"), 1, "{value}");
     assert!(count(&value, "pex") >= 1, "{value}");
-    assert_eq!(count(&value, "pex") + count(&value, "incoming"), 2, "{value}");
+    assert_eq!(
+        count(&value, "pex") + count(&value, "incoming"),
+        2,
+        "{value}"
+    );
 }
 
 /// The `m` dictionary of the extension handshake `addr` sends for `info_hash`.
