@@ -137,7 +137,8 @@ fn spawn_corrupt_peer(
     content: Arc<Vec<u8>>,
     corrupt: fn(u32) -> bool,
 ) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // An address of its own: bans are by IP, and the honest seeder is on 127.0.0.1.
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let info_hash = meta.info_hash.0;
     let piece_length = meta.info.piece_length as usize;
@@ -266,12 +267,139 @@ fn corrupt_peer_is_banned_and_download_is_intact() {
     assert!(status.success(), "download failed: {log}");
     assert_same_tree(&src.join("bad.bin"), &dst.join("bad.bin"));
     assert!(
-        log.contains(&format!("banning peer {bad}")),
+        log.contains(&format!("banning peer {}", bad.ip())),
         "the corrupt peer at {bad} was not banned; download log:\n{log}"
     );
     assert!(
-        !log.contains(&format!("banning peer {good}")),
+        !log.contains(&format!("banning peer {}", good.ip())),
         "the honest seeder at {good} was banned; download log:\n{log}"
+    );
+}
+
+/// Dials `target` as a peer that has every piece, under `peer_id`, and answers requests with
+/// junk until it has sent `budget` bytes; then hangs up.
+fn attack_once(
+    target: SocketAddr,
+    info_hash: [u8; 20],
+    piece_count: usize,
+    peer_id: [u8; 20],
+    budget: usize,
+) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+    // A watchdog on every read: a stuck test fails instead of hanging this thread forever.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let ours = Handshake {
+        reserved: [0; 8],
+        info_hash,
+        peer_id,
+    };
+    stream.write_all(&ours.encode())?;
+    let mut theirs = [0u8; wire::HANDSHAKE_LEN];
+    stream.read_exact(&mut theirs)?;
+    let mut bits = vec![0u8; piece_count.div_ceil(8)];
+    for i in 0..piece_count {
+        bits[i / 8] |= 0x80 >> (i % 8);
+    }
+    let mut out = BytesMut::new();
+    wire::encode(&Message::Bitfield(bits.into()), &mut out);
+    wire::encode(&Message::Unchoke, &mut out);
+    stream.write_all(&out)?;
+    let (mut buf, mut chunk, mut sent) = (BytesMut::new(), vec![0u8; 64 * 1024], 0);
+    let mut junk = u64::from_le_bytes(peer_id[12..].try_into().unwrap()) | 1;
+    while sent < budget {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut out = BytesMut::new();
+        while let Decode::Message(m) =
+            wire::decode(&mut buf, wire::DEFAULT_MAX_FRAME).map_err(std::io::Error::other)?
+        {
+            if let Message::Request(r) = m {
+                let data: Vec<u8> = (0..r.length)
+                    .map(|_| {
+                        junk ^= junk << 13;
+                        junk ^= junk >> 7;
+                        junk ^= junk << 17;
+                        junk as u8
+                    })
+                    .collect();
+                sent += data.len();
+                wire::encode(
+                    &Message::Piece {
+                        piece: r.piece,
+                        offset: r.offset,
+                        data: data.into(),
+                    },
+                    &mut out,
+                );
+            }
+        }
+        stream.write_all(&out)?;
+    }
+    Ok(())
+}
+
+/// An attacker dials the downloader again and again, each time under a fresh peer id, claims
+/// every piece, sends junk for about a piece and hangs up. Strikes live on its address, so it is
+/// banned once, for good; the honest (slow) seeder that shares pieces with it is never banned.
+#[test]
+fn an_attacker_reconnecting_under_fresh_peer_ids_is_banned_by_address() {
+    const LEN: usize = 2 * 1024 * 1024;
+    const PIECE: usize = 64 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_file(&src.join("evade.bin"), LEN, 10);
+    let t = tmp.path().join("evade.torrent");
+    create_torrent(&src.join("evade.bin"), &t, &["--piece-length", "64KiB"]);
+    let meta = Metainfo::from_file(&t).unwrap();
+    // The honest seeder has an address of its own; the attacker dials from 127.0.0.1.
+    let (_seed, good) = seeder(
+        &src,
+        &t,
+        &tmp.path().join("seed.log"),
+        &["--listen", "127.0.0.3:0", "--upload-rate", "512KiB"],
+    );
+    let dst = tmp.path().join("dst");
+    let mut d = download(
+        &t,
+        &dst,
+        &tmp.path().join("dl.log"),
+        &["--peer", &good.to_string()],
+    );
+    let target = d.listen_addr();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let done = done.clone();
+        let (info_hash, pieces) = (meta.info_hash.0, meta.info.piece_hashes.len());
+        std::thread::spawn(move || {
+            let mut dials = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && dials < 10_000 {
+                dials += 1;
+                let mut id = *b"-XX0001-evader000000";
+                id[12..].copy_from_slice(&u64::from(dials).to_le_bytes());
+                let _ = attack_once(target, info_hash, pieces, id, PIECE);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            dials
+        })
+    };
+    let status = d.wait_exit(Duration::from_secs(120));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let dials = attacker.join().unwrap();
+    let log = d.stderr();
+    assert!(status.success(), "download failed: {log}");
+    assert_same_tree(&src.join("evade.bin"), &dst.join("evade.bin"));
+    let bans: Vec<&str> = log.lines().filter(|l| l.contains("banning peer")).collect();
+    assert_eq!(
+        bans.len(),
+        1,
+        "one ban, of the attacker's address ({dials} dials); download log:\n{log}"
+    );
+    assert!(
+        bans[0].contains("banning peer 127.0.0.1:"),
+        "the attacker's address is banned, not the honest seeder's: {bans:?}"
     );
 }
 

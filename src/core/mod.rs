@@ -1,5 +1,6 @@
 //! Pure logic: no tokio, no sockets, no clock (time is a parameter). Unit-tested beside the code.
 pub mod bencode;
+pub mod blame;
 pub mod cache;
 pub mod choker;
 pub mod compact;

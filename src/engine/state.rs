@@ -11,7 +11,7 @@
 //! builds: after every transition in unit tests, once a second otherwise).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use lru::LruCache;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::blame::{Blame, ReceivedPiece};
 use crate::core::cache::PieceCache;
 use crate::core::choker::{Choker, ChokerConfig, PeerSample};
 use crate::core::layout::BLOCK_SIZE;
@@ -29,12 +30,8 @@ use crate::core::pex;
 use crate::core::picker::{BlockOutcome, PeerKey, Picker};
 use crate::engine::{PeerSource, SourceCounts};
 
-/// Strike points before a peer is banned: a failed piece it sent alone costs 2, one it shared
-/// with other peers 1 (the bad blocks may be someone else's), so three sole failures ban it
-/// and an honest peer caught beside a corrupt one lasts twice as long.
-const MAX_STRIKES: u32 = 6;
-const SOLE_STRIKE: u32 = 2;
-const SHARED_STRIKE: u32 = 1;
+/// Failed copies of pieces kept to find out who of several senders sent the bad blocks.
+const MAX_EVIDENCE_BYTES: usize = 16 << 20;
 /// Blocks outstanding at one peer longer than this go to other peers.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections being opened at once.
@@ -97,7 +94,6 @@ struct PeerEntry {
     download_rate: u64,
     upload_rate: u64,
     last_block_at: Option<Instant>,
-    strikes: u32,
     is_seed: bool,
     /// The peer task's latest round trip and rate estimate.
     path: Option<PathEstimate>,
@@ -122,7 +118,7 @@ pub type StreamId = u64;
 
 /// What `piece_failed` decided, for logging.
 pub(crate) struct Banned {
-    pub addr: SocketAddr,
+    pub addr: IpAddr,
 }
 
 /// Totals for progress lines and the mount's attributes.
@@ -138,8 +134,8 @@ pub(crate) struct State {
     cfg: StateConfig,
     picker: Picker,
     cache: PieceCache,
-    /// Buffers of pieces being downloaded, until they are hashed.
-    partial: HashMap<u32, Vec<u8>>,
+    /// Pieces being downloaded (and who sent each block), until they are hashed.
+    partial: HashMap<u32, ReceivedPiece>,
     peers: HashMap<PeerKey, PeerEntry>,
     choker: Choker,
     next_peer_key: PeerKey,
@@ -149,9 +145,11 @@ pub(crate) struct State {
     /// Peers that ever joined, by source.
     joined_by_source: SourceCounts,
     connecting: usize,
-    /// Peers banned for corrupt data, by address and by peer id (on loopback every peer shares
-    /// an IP, so an IP ban would be too wide).
-    banned_addrs: LruCache<SocketAddr, ()>,
+    /// Who sent corrupt data: strikes by address.
+    blame: Blame,
+    /// Peers banned for corrupt data, by address (the IP: a new port or peer id is no escape)
+    /// and by peer id.
+    banned_addrs: LruCache<IpAddr, ()>,
     banned_ids: LruCache<[u8; 20], ()>,
     /// Pieces verified on disk (with a data dir): they survive cache eviction.
     on_disk: Bitfield,
@@ -187,6 +185,7 @@ impl State {
             known: bounded(MAX_KNOWN_ADDRS),
             joined_by_source: SourceCounts::default(),
             connecting: 0,
+            blame: Blame::new(BLOCK_SIZE as usize, MAX_BANNED, MAX_EVIDENCE_BYTES),
             banned_addrs: bounded(MAX_BANNED),
             banned_ids: bounded(MAX_BANNED),
             on_disk,
@@ -301,7 +300,7 @@ impl State {
     /// A peer address from discovery (`--peer`, trackers, the DHT, PEX); ignored if known,
     /// banned or ourselves.
     pub fn add_candidate(&mut self, addr: SocketAddr, source: PeerSource) {
-        if self.banned_addrs.contains(&addr) || self.known.contains(&addr) {
+        if self.banned_addrs.contains(&addr.ip()) || self.known.contains(&addr) {
             return;
         }
         if addr.port() == self.cfg.listen_port && addr.ip().is_loopback() {
@@ -317,7 +316,8 @@ impl State {
     /// Lets a known address be tried again (explicit `--peer`s after a disconnect).
     pub fn requeue(&mut self, addr: SocketAddr) {
         let connected = self.peers.values().any(|p| p.addr == addr);
-        if !connected && !self.candidates.contains(&addr) && !self.banned_addrs.contains(&addr) {
+        if !connected && !self.candidates.contains(&addr) && !self.banned_addrs.contains(&addr.ip())
+        {
             self.known.put(addr, PeerSource::Direct);
             self.candidates.push_back(addr);
         }
@@ -329,7 +329,8 @@ impl State {
             && self.connecting < MAX_HALF_OPEN
         {
             let addr = self.candidates.pop_front()?;
-            if self.peers.values().any(|p| p.addr == addr) {
+            if self.banned_addrs.contains(&addr.ip()) || self.peers.values().any(|p| p.addr == addr)
+            {
                 continue;
             }
             self.connecting += 1;
@@ -354,7 +355,7 @@ impl State {
         now: Instant,
     ) -> Option<(PeerKey, Bitfield)> {
         if peer_id == self.cfg.our_peer_id
-            || self.banned_addrs.contains(&addr)
+            || self.banned_addrs.contains(&addr.ip())
             || self.banned_ids.contains(&peer_id)
             || self.peers.values().any(|p| p.peer_id == peer_id)
             || self.peers.len() >= self.cfg.max_peers
@@ -389,7 +390,6 @@ impl State {
                 download_rate: 0,
                 upload_rate: 0,
                 last_block_at: None,
-                strikes: 0,
                 is_seed: false,
                 path: None,
                 unchoking_us: None,
@@ -645,13 +645,19 @@ impl State {
             return BlockArrival::Unwanted;
         };
         let plen = self.cfg.lengths.piece_len(piece) as usize;
-        let buf = self
+        let received = self
             .partial
             .entry(block.piece)
-            .or_insert_with(|| vec![0u8; plen]);
+            .or_insert_with(|| ReceivedPiece {
+                data: vec![0u8; plen],
+                senders: vec![None; plen.div_ceil(BLOCK_SIZE as usize)],
+            });
         let start = block.offset as usize;
-        if let Some(dst) = buf.get_mut(start..start + data.len()) {
+        if let Some(dst) = received.data.get_mut(start..start + data.len()) {
             dst.copy_from_slice(data);
+        }
+        if let Some(sender) = received.senders.get_mut(start / BLOCK_SIZE as usize) {
+            *sender = self.peers.get(&key).map(|p| p.addr.ip());
         }
         for k in cancel {
             if let Some(p) = self.peers.get(&k) {
@@ -672,8 +678,11 @@ impl State {
 
     // ---- verification ----
 
-    /// The piece's hash matched; `on_disk` if it was written to the data dir.
-    pub fn piece_verified(&mut self, piece: PieceIndex, data: Bytes, on_disk: bool) {
+    /// The piece's hash matched; `on_disk` if it was written to the data dir. Returns the
+    /// addresses this banned (the good copy proved they sent bad blocks of it before).
+    pub fn piece_verified(&mut self, piece: PieceIndex, data: Bytes, on_disk: bool) -> Vec<Banned> {
+        let guilty = self.blame.piece_verified(piece.get(), &data);
+        let banned = self.ban(guilty);
         self.picker.piece_verified(piece);
         if on_disk {
             self.on_disk.set(piece.get(), true);
@@ -684,35 +693,34 @@ impl State {
         self.evicted(&evicted);
         self.update_background();
         self.debug_check();
+        banned
     }
 
-    /// The piece failed its hash check: fetched again; returns the peers this banned.
-    pub fn piece_failed(&mut self, piece: PieceIndex) -> (usize, Vec<Banned>) {
+    /// The piece failed its hash check: fetched again. Returns how many peers sent it and the
+    /// addresses this banned.
+    pub fn piece_failed(
+        &mut self,
+        piece: PieceIndex,
+        failed: ReceivedPiece,
+    ) -> (usize, Vec<Banned>) {
         let contributors = self.picker.piece_failed(piece);
-        let points = if contributors.len() == 1 {
-            SOLE_STRIKE
-        } else {
-            SHARED_STRIKE
-        };
-        let mut banned = Vec::new();
-        for k in &contributors {
-            let Some(p) = self.peers.get_mut(k) else {
-                continue;
-            };
-            let before = p.strikes;
-            p.strikes += points;
-            // Only when crossing the limit: pieces still in flight may fail again later.
-            if before < MAX_STRIKES && p.strikes >= MAX_STRIKES {
-                p.cancel.cancel();
-                let (addr, id) = (p.addr, p.peer_id);
-                self.banned_addrs.put(addr, ());
-                self.banned_ids.put(id, ());
-                banned.push(Banned { addr });
-            }
-        }
+        let guilty = self.blame.piece_failed(piece.get(), failed);
+        let banned = self.ban(guilty);
         self.wake_peers();
         self.debug_check();
         (contributors.len(), banned)
+    }
+
+    /// Bans addresses: their connections are dropped, and no peer id of theirs joins again.
+    fn ban(&mut self, addrs: Vec<IpAddr>) -> Vec<Banned> {
+        for &addr in &addrs {
+            self.banned_addrs.put(addr, ());
+            for p in self.peers.values().filter(|p| p.addr.ip() == addr) {
+                p.cancel.cancel();
+                self.banned_ids.put(p.peer_id, ());
+            }
+        }
+        addrs.into_iter().map(|addr| Banned { addr }).collect()
     }
 
     pub fn set_store_failed(&mut self) {
@@ -1036,7 +1044,7 @@ pub(crate) enum BlockArrival {
     Unwanted,
     Accepted,
     /// The block completed this piece: hash the buffer.
-    PieceComplete(PieceIndex, Vec<u8>),
+    PieceComplete(PieceIndex, ReceivedPiece),
 }
 
 #[cfg(test)]
@@ -1070,7 +1078,8 @@ mod tests {
 
     fn join(st: &mut State, id: u8) -> (PeerKey, mpsc::UnboundedReceiver<Command>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let addr: SocketAddr = format!("127.0.0.1:{}", 1000 + id as u16).parse().unwrap();
+        // Each peer on its own IP, as bans are by IP.
+        let addr = SocketAddr::from(([127, 0, 0, id], 1000 + id as u16));
         let (key, _) = st
             .peer_joined(
                 addr,
@@ -1105,7 +1114,7 @@ mod tests {
                 buf = Some(data);
             }
         }
-        st.piece_verified(p, Bytes::from(buf.unwrap()), false);
+        st.piece_verified(p, Bytes::from(buf.unwrap().data), false);
     }
 
     #[test]
@@ -1161,7 +1170,7 @@ mod tests {
             if let BlockArrival::PieceComplete(p, data) =
                 st.block_arrived(k, b, &vec![0; b.length as usize], Instant::now())
             {
-                st.piece_verified(p, Bytes::from(data), false);
+                st.piece_verified(p, Bytes::from(data.data), false);
             }
         }
         // Held now: not asked for again, even when the cache evicts them later.
@@ -1207,37 +1216,109 @@ mod tests {
         );
     }
 
+    /// Delivers a wrong copy of a whole piece from `key`; returns what hashing it would fail.
+    fn fetch_bad(st: &mut State, key: PeerKey) -> (PieceIndex, ReceivedPiece) {
+        let bf = Bitfield::full(st.cfg.lengths.piece_count());
+        let now = Instant::now();
+        let mut done = None;
+        for b in st.pick(key, &bf, 2, now) {
+            if let BlockArrival::PieceComplete(p, received) =
+                st.block_arrived(key, b, &vec![0xEE; b.length as usize], now)
+            {
+                done = Some((p, received));
+            }
+        }
+        done.expect("a whole piece was picked")
+    }
+
     #[test]
-    fn strikes_ban_a_peer_that_sends_three_bad_pieces_alone() {
+    fn an_address_that_sends_bad_pieces_is_banned_though_it_reconnects_each_time() {
         let mut st = state(4, 4, "....");
         st.picker.set_background(true);
-        let (k, _rx) = join(&mut st, 2);
         let bf = Bitfield::full(4);
-        st.peer_bitfield(&bf);
-        for round in 0..3 {
-            let now = Instant::now();
-            let blocks = st.pick(k, &bf, 2, now);
-            let mut done = None;
-            for b in blocks {
-                if let BlockArrival::PieceComplete(p, _) =
-                    st.block_arrived(k, b, &vec![0; b.length as usize], now)
-                {
-                    done = Some(p);
-                }
-            }
-            let (_, banned) = st.piece_failed(done.unwrap());
+        for round in 0..3u16 {
+            // A fresh connection each time: new port, new peer id, same IP.
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let addr = SocketAddr::from(([127, 0, 0, 9], 5000 + round));
+            let (k, _) = st
+                .peer_joined(
+                    addr,
+                    false,
+                    [50 + round as u8; 20],
+                    tx,
+                    CancellationToken::new(),
+                    Instant::now(),
+                )
+                .expect("not banned yet");
+            st.peer_bitfield(&bf);
+            let (p, received) = fetch_bad(&mut st, k);
+            let (_, banned) = st.piece_failed(p, received);
             assert_eq!(banned.len(), usize::from(round == 2), "round {round}");
+            st.peer_left(k, &bf);
         }
         let (tx, _rx) = mpsc::unbounded_channel();
         let again = st.peer_joined(
-            "127.0.0.1:1002".parse().unwrap(),
-            true,
-            [9; 20],
+            SocketAddr::from(([127, 0, 0, 9], 6000)),
+            false,
+            [99; 20],
             tx,
             CancellationToken::new(),
             Instant::now(),
         );
-        assert!(again.is_none(), "the banned address is refused");
+        assert!(again.is_none(), "the banned IP is refused on any port");
+        st.add_candidate(
+            SocketAddr::from(([127, 0, 0, 9], 6001)),
+            PeerSource::Tracker,
+        );
+        assert_eq!(st.start_connect(), None, "nor dialled");
+        let (honest, _rx) = join(&mut st, 3);
+        assert!(st.peers.contains_key(&honest), "other addresses still join");
+    }
+
+    #[test]
+    fn a_failure_shared_with_an_attacker_bans_the_attacker_and_never_the_honest_peer() {
+        let mut st = state(8, 8, "........");
+        st.picker.set_background(true);
+        let bf = Bitfield::full(8);
+        st.peer_bitfield(&bf);
+        let (honest, mut honest_rx) = join(&mut st, 2);
+        let (attacker, _rx) = join(&mut st, 3);
+        let mut banned = Vec::new();
+        for _ in 0..3 {
+            // Each piece: the attacker sends the first block (bad), the honest peer the second.
+            let now = Instant::now();
+            let a = st.pick(attacker, &bf, 1, now);
+            let h = st.pick(honest, &bf, 1, now);
+            assert_eq!(
+                (a[0].piece, a[0].offset, h[0].piece),
+                (h[0].piece, 0, a[0].piece)
+            );
+            st.block_arrived(attacker, a[0], &vec![0xEE; a[0].length as usize], now);
+            let BlockArrival::PieceComplete(p, received) =
+                st.block_arrived(honest, h[0], &vec![0; h[0].length as usize], now)
+            else {
+                panic!("the piece is complete");
+            };
+            banned.extend(st.piece_failed(p, received).1);
+            // The honest peer alone sends the piece again: it verifies, naming the attacker.
+            let blocks = st.pick(honest, &bf, 2, now);
+            let mut good = None;
+            for b in blocks {
+                if let BlockArrival::PieceComplete(q, received) =
+                    st.block_arrived(honest, b, &vec![0; b.length as usize], now)
+                {
+                    good = Some((q, received.data));
+                }
+            }
+            let (q, data) = good.expect("verified");
+            assert_eq!(q, p);
+            banned.extend(st.piece_verified(q, Bytes::from(data), false));
+        }
+        let banned: Vec<IpAddr> = banned.iter().map(|b| b.addr).collect();
+        assert_eq!(banned, vec![IpAddr::from([127, 0, 0, 3])]);
+        assert!(st.peers[&attacker].cancel.is_cancelled());
+        assert!(!st.peers[&honest].cancel.is_cancelled());
+        drain(&mut honest_rx);
     }
 
     #[test]

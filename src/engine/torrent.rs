@@ -23,13 +23,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::blame::ReceivedPiece;
 use crate::core::layout::{Bitfield, BlockRef, Lengths, PieceIndex};
 use crate::core::metainfo::{InfoHash, Metainfo};
 use crate::core::peer_proto::Command;
 use crate::core::picker::PeerKey;
 use crate::core::tracker_proto::{SwarmPeer, TransferTotals};
 use crate::disk::Store;
-use crate::engine::state::{BlockArrival, State, StateConfig};
+use crate::engine::state::{Banned, BlockArrival, State, StateConfig};
 use crate::engine::tasks::TaskGroup;
 use crate::engine::{PeerSource, SourceCounts};
 use crate::net::dht::DhtHandle;
@@ -410,7 +411,7 @@ impl Torrent {
                 self.counters.wasted.fetch_add(len, Ordering::Relaxed);
             }
             BlockArrival::Accepted => {}
-            BlockArrival::PieceComplete(piece, buf) => self.verify_piece(piece, buf),
+            BlockArrival::PieceComplete(piece, received) => self.verify_piece(piece, received),
         }
     }
 
@@ -441,7 +442,7 @@ impl Torrent {
     }
 
     /// Hashes a complete piece on the blocking pool, writes it to the data dir, then files it.
-    fn verify_piece(self: &Arc<Self>, piece: PieceIndex, buf: Vec<u8>) {
+    fn verify_piece(self: &Arc<Self>, piece: PieceIndex, received: ReceivedPiece) {
         self.pending_verify.fetch_add(1, Ordering::SeqCst);
         let t = self.clone();
         self.tasks.spawn_blocking("verify", move || {
@@ -457,10 +458,11 @@ impl Torrent {
             }
             let _done = Done(&t);
             let expected = t.meta.info.piece_hashes.get(piece.as_usize()).copied();
-            if expected.is_none_or(|h| Sha1::digest(&buf)[..] != h[..]) {
-                t.piece_failed(piece);
+            if expected.is_none_or(|h| Sha1::digest(&received.data)[..] != h[..]) {
+                t.piece_failed(piece, received);
                 return;
             }
+            let buf = received.data;
             let mut written = false;
             if let Some(store) = &t.store {
                 if !t.lock().store_failed() {
@@ -489,7 +491,8 @@ impl Torrent {
     fn piece_verified(&self, piece: PieceIndex, data: Bytes, on_disk: bool) {
         let complete = {
             let mut st = self.lock();
-            st.piece_verified(piece, data, on_disk);
+            let banned = st.piece_verified(piece, data, on_disk);
+            log_bans(&banned);
             st.is_complete()
         };
         self.piece_done.notify_waiters();
@@ -507,17 +510,21 @@ impl Torrent {
         }
     }
 
-    fn piece_failed(&self, piece: PieceIndex) {
+    fn piece_failed(&self, piece: PieceIndex, received: ReceivedPiece) {
         self.counters.hash_failures.fetch_add(1, Ordering::Relaxed);
-        let (contributors, banned) = self.lock().piece_failed(piece);
+        let (contributors, banned) = self.lock().piece_failed(piece, received);
         log::warn!(
             "piece {piece} failed its hash check (from {contributors} peer(s)); fetching it again"
         );
-        for b in banned {
-            log::warn!(
-                "banning peer {}: it sent corrupt data for several pieces",
-                b.addr
-            );
-        }
+        log_bans(&banned);
+    }
+}
+
+fn log_bans(banned: &[Banned]) {
+    for b in banned {
+        log::warn!(
+            "banning peer {}: it sent corrupt data for several pieces",
+            b.addr
+        );
     }
 }

@@ -171,7 +171,8 @@ impl Drop for Proc {
     }
 }
 
-/// `swarmfs seed TORRENT -d DIR --listen 127.0.0.1:0` and its address.
+/// `swarmfs seed TORRENT -d DIR --listen 127.0.0.1:0` (or the `--listen` in `extra`) and its
+/// address.
 pub fn seeder(dir: &Path, torrent: &Path, logs: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     let (p, addr, _) = seeder_with_peer_id(dir, torrent, logs, extra);
     (p, addr)
@@ -414,6 +415,11 @@ pub fn seeder_with_peer_id(
     logs: &Path,
     extra: &[&str],
 ) -> (Proc, SocketAddr, String) {
+    // 127.0.0.1 unless `extra` gives the seeder an address of its own.
+    let listen = match extra.contains(&"--listen") {
+        true => &[][..],
+        false => &["--listen", "127.0.0.1:0"][..],
+    };
     let mut p = Proc::spawn(
         "seeder",
         Command::new(bin())
@@ -421,7 +427,8 @@ pub fn seeder_with_peer_id(
             .arg(torrent)
             .arg("-d")
             .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(listen)
+            .arg("--no-dht")
             .args(extra)
             .env("RUST_LOG", "swarmfs=info"),
         logs,
