@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
+use swarmfs::core::metadata::{self, MetadataMessage};
 use swarmfs::core::metainfo::Metainfo;
-use swarmfs::core::wire::{self, BlockRequest, Decode, Handshake, Message, HANDSHAKE_LEN};
+use swarmfs::core::wire::{
+    self, BlockRequest, Decode, ExtendedHandshake, Handshake, Message, HANDSHAKE_LEN,
+};
 
 /// A watchdog, not a timing claim.
 const WATCHDOG: Duration = Duration::from_secs(60);
@@ -211,6 +214,109 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
         }
         Err(_) => {} // reset by peer: also closed
     }
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A peer that never reads asked for 16 KiB blocks to stall our writer, then for one byte of
+/// every piece. Each answer is a slice of its whole piece, and the send queue counted the byte,
+/// so the queue held the whole torrent in memory, whatever `--cache-size` said (a 160 MiB
+/// torrent took the seeder past 170 MiB). Now a queued block counts its whole piece, and the
+/// requests past the bound are refused.
+#[test]
+fn a_peer_asking_one_byte_of_every_piece_pins_no_more_than_the_queue_bound() {
+    const PIECES: u32 = 160;
+    const PIECE: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, meta) = make_torrent(dir.path(), PIECES as usize * PIECE, "1MiB");
+    // Throttled, so what the writer has queued stays queued while we look.
+    let (seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &["--cache-size", "8MiB", "--upload-rate", "16KiB"],
+    );
+    let before = peak_rss(seeder.child.id());
+    let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
+    let hs = Handshake::new(meta.info_hash.0, [b'p'; 20]);
+    p.sock.write_all(&hs.encode()).unwrap();
+    let mut got = [0u8; HANDSHAKE_LEN];
+    p.sock.read_exact(&mut got).unwrap();
+    let ours = ExtendedHandshake {
+        extensions: vec![(metadata::EXTENSION_NAME.to_string(), 3)],
+        ..Default::default()
+    };
+    p.send(&Message::Extended {
+        id: 0,
+        payload: ours.encode().into(),
+    });
+    p.send(&Message::Interested);
+    let (mut unchoked, mut their_metadata_id) = (false, None);
+    while !unchoked || their_metadata_id.is_none() {
+        match p.recv().expect("the seeder closed the connection") {
+            Message::Unchoke => unchoked = true,
+            Message::Extended { id: 0, payload } => {
+                let theirs = ExtendedHandshake::decode(&payload).unwrap();
+                their_metadata_id = theirs
+                    .extensions
+                    .iter()
+                    .find(|(name, _)| name == metadata::EXTENSION_NAME)
+                    .map(|(_, id)| *id);
+            }
+            _ => {}
+        }
+    }
+    let mut burst = BytesMut::new();
+    for offset in (0..8).map(|i| i * 16 * 1024) {
+        let r = BlockRequest {
+            piece: 0,
+            offset,
+            length: 16 * 1024,
+        };
+        wire::encode(&Message::Request(r), &mut burst);
+    }
+    for piece in 1..PIECES {
+        let r = BlockRequest {
+            piece,
+            offset: 0,
+            length: 1,
+        };
+        wire::encode(&Message::Request(r), &mut burst);
+    }
+    // Answered out of the block queue's order, after every request before it was handled.
+    let marker = MetadataMessage::Request { piece: 0 }.encode();
+    wire::encode(
+        &Message::Extended {
+            id: their_metadata_id.unwrap(),
+            payload: marker.into(),
+        },
+        &mut burst,
+    );
+    p.sock.write_all(&burst).unwrap();
+    loop {
+        match p.recv().expect("the seeder closed the connection") {
+            Message::Extended { id: 3, .. } => break,
+            _ => continue,
+        }
+    }
+    let grown = peak_rss(seeder.child.id()).saturating_sub(before);
+    eprintln!("seeder peak RSS grew by {} MiB", grown >> 20);
+    // The queue bound (16 MiB, plus the piece that crosses it) and the cache (8 MiB), with
+    // room for allocator slack; the whole torrent is 160 MiB.
+    assert!(
+        grown < 64 << 20,
+        "the seeder's peak RSS grew by {} MiB while one peer's queue held its requests",
+        grown >> 20
+    );
 }
 
 /// Whether swarmfs closed `s` at once: its first read ends (EOF or reset) within the watchdog.

@@ -3,19 +3,21 @@
 //! inputs and actions, and owns the connection's two halves (the writer runs as a future in the
 //! same task, so nothing outlives the connection).
 //!
-//! Bounds: everything queued for the socket is counted in bytes. Past `MAX_UPLOAD_QUEUE` new
-//! uploads are refused (rejected); past `MAX_SEND_QUEUE` the peer, which is not reading what we
-//! send, is dropped. A write that makes no progress for `net::peer::WRITE_TIMEOUT` ends it too.
+//! Bounds: everything queued for the socket is counted in the memory it holds (`SendQueue`: a
+//! queued block holds its whole piece). Past `MAX_UPLOAD_QUEUE` new uploads are refused
+//! (rejected); past `MAX_SEND_QUEUE` the peer, which is not reading what we send, is dropped. A write that makes no progress for `net::peer::WRITE_TIMEOUT` ends it too.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::layout::Lengths;
 use crate::core::metadata::{self, MetadataMessage};
 use crate::core::peer_proto::{Action, CloseReason, Command, Input, PeerConfig, PeerProto};
 use crate::core::pex::{self, PexMessage, PexSent};
@@ -25,7 +27,7 @@ use crate::engine::torrent::Torrent;
 use crate::engine::PeerSource;
 use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 
-/// Upload bytes queued for one peer beyond which its requests are rejected.
+/// Upload memory queued for one peer (whole pieces) beyond which its requests are rejected.
 const MAX_UPLOAD_QUEUE: usize = 16 << 20;
 /// Bytes queued for one peer beyond which it is dropped: it is not reading.
 const MAX_SEND_QUEUE: usize = MAX_UPLOAD_QUEUE + (1 << 20);
@@ -92,7 +94,7 @@ pub async fn run(
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(SendQueue::new(t.lengths));
     let uploaded = Arc::new(AtomicU64::new(0));
     let mut conn = Conn {
         t: t.clone(),
@@ -150,17 +152,95 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
-/// Memory a queued item costs us, roughly: its payload plus the queue entry itself (so a flood
-/// of small messages is bounded by the memory it takes, not by its few bytes on the wire).
-fn outgoing_size(item: &Outgoing) -> usize {
+/// What is queued for the writer, counted in the memory it holds: each entry's payload plus the
+/// entry itself (so a flood of small messages is bounded by the memory it takes, not by its few
+/// bytes on the wire). A block is a slice of its whole piece, not a copy, so while any block of a
+/// piece waits the whole piece stays in memory: it counts once, in full. Counting requested bytes
+/// instead let a peer that asks for one byte of every piece and never reads pin the torrent.
+struct SendQueue {
+    lengths: Lengths,
+    bytes: AtomicUsize,
+    /// Queued blocks by piece.
+    pinned: Mutex<HashMap<u32, u32>>,
+}
+
+impl SendQueue {
     const ENTRY: usize = 64;
-    ENTRY
-        + match item {
-            Outgoing::Block { data, .. } => data.len(),
-            Outgoing::Message(Message::Bitfield(b)) => b.len(),
-            Outgoing::Message(Message::Extended { payload, .. }) => payload.len(),
-            Outgoing::Message(_) => 0,
+
+    fn new(lengths: Lengths) -> SendQueue {
+        SendQueue {
+            lengths,
+            bytes: AtomicUsize::new(0),
+            pinned: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn pinned(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn piece_len(&self, piece: u32) -> usize {
+        self.lengths
+            .piece(piece)
+            .map_or(0, |p| self.lengths.piece_len(p) as usize)
+    }
+
+    /// The memory queueing a block of `piece` would add (its piece, unless already pinned),
+    /// and whether nothing is pinned yet.
+    fn block_cost(&self, piece: u32) -> (usize, bool) {
+        let pinned = self.pinned();
+        let piece_bytes = match pinned.contains_key(&piece) {
+            true => 0,
+            false => self.piece_len(piece),
+        };
+        (Self::ENTRY + piece_bytes, pinned.is_empty())
+    }
+
+    /// Counts an item being queued; returns the bytes queued before it and its own.
+    fn add(&self, item: &Outgoing) -> (usize, usize) {
+        let size = match item {
+            Outgoing::Block { piece, .. } => {
+                let mut pinned = self.pinned();
+                let n = pinned.entry(*piece).or_insert(0);
+                *n += 1;
+                Self::ENTRY + if *n == 1 { self.piece_len(*piece) } else { 0 }
+            }
+            Outgoing::Message(m) => Self::ENTRY + message_payload(m),
+        };
+        (self.bytes.fetch_add(size, Ordering::Relaxed), size)
+    }
+
+    /// Uncounts an item the writer has written.
+    fn remove(&self, item: &Outgoing) {
+        let size = match item {
+            Outgoing::Block { piece, .. } => {
+                let mut pinned = self.pinned();
+                let last = match pinned.get_mut(piece) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        false
+                    }
+                    Some(_) => pinned.remove(piece).is_some(),
+                    None => false,
+                };
+                Self::ENTRY + if last { self.piece_len(*piece) } else { 0 }
+            }
+            Outgoing::Message(m) => Self::ENTRY + message_payload(m),
+        };
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
+fn message_payload(m: &Message) -> usize {
+    match m {
+        Message::Bitfield(b) => b.len(),
+        Message::Extended { payload, .. } => payload.len(),
+        _ => 0,
+    }
 }
 
 /// Whether a message may overtake queued blocks: anything but the data and the messages about
@@ -207,7 +287,7 @@ async fn write_loop(
     t: Arc<Torrent>,
     mut writer: PeerWriter,
     mut rx: Queues,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<SendQueue>,
     uploaded: Arc<AtomicU64>,
     gone: CancellationToken,
 ) -> Result<(), PeerIoError> {
@@ -222,7 +302,7 @@ async fn write_loop(
                 }
             }
             writer.write(&item).await?;
-            queued.fetch_sub(outgoing_size(&item), Ordering::Relaxed);
+            queued.remove(&item);
             if let Outgoing::Block { data, .. } = &item {
                 sent += data.len() as u64;
             }
@@ -248,8 +328,8 @@ struct Conn {
     /// Everything else (requests, haves, extension messages): sent before queued blocks, so
     /// under an upload cap our requests and PEX do not wait behind megabytes of piece data.
     urgent: mpsc::UnboundedSender<Outgoing>,
-    /// Bytes queued for the writer and not yet written.
-    queued: Arc<AtomicUsize>,
+    /// What is queued for the writer and not yet written.
+    queued: Arc<SendQueue>,
     /// Block bytes the writer sent; taken at each tick.
     uploaded: Arc<AtomicU64>,
     uploaded_since_tick: u64,
@@ -417,9 +497,9 @@ impl Conn {
     }
 
     fn send(&mut self, item: Outgoing) -> Result<(), PeerError> {
-        let size = outgoing_size(&item);
-        let before = self.queued.fetch_add(size, Ordering::Relaxed);
-        if before + size > MAX_SEND_QUEUE {
+        let (before, size) = self.queued.add(&item);
+        // Blocks are bounded where they are accepted (`upload`); the rest only by this.
+        if before + size > MAX_SEND_QUEUE && !matches!(item, Outgoing::Block { .. }) {
             return Err(PeerError::NotReading(before));
         }
         let queue = if jumps_the_queue(&item) {
@@ -432,7 +512,9 @@ impl Conn {
 
     /// Serves a request the state machine accepted, from the cache or the disk.
     async fn upload(&mut self, r: BlockRequest) -> Result<(), PeerError> {
-        let data = if self.queued.load(Ordering::Relaxed) > MAX_UPLOAD_QUEUE {
+        // One piece may always be queued, even one larger than the bound.
+        let (cost, nothing_pinned) = self.queued.block_cost(r.piece);
+        let data = if self.queued.bytes() + cost > MAX_UPLOAD_QUEUE && !nothing_pinned {
             None
         } else {
             match self.t.lengths.piece(r.piece) {
