@@ -319,6 +319,61 @@ fn a_peer_asking_one_byte_of_every_piece_pins_no_more_than_the_queue_bound() {
     );
 }
 
+/// Peers that handshake and then only send a keep-alive a second held every slot of a seeder,
+/// so an honest downloader could never get in. Now a peer that is neither interested nor
+/// sending data for a few seconds gives its slot to a newcomer.
+#[test]
+fn idle_connections_holding_every_slot_make_room_for_an_honest_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (content, meta) = make_torrent(dir.path(), 1 << 20, "64KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &["--max-peers", "10"],
+    );
+    // As many as it lets in: each that the seeder keeps hears its opening messages.
+    let mut idle = Vec::new();
+    for i in 0..10u8 {
+        let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
+        p.sock
+            .write_all(&Handshake::new(meta.info_hash.0, [b'i' + i; 20]).encode())
+            .unwrap();
+        let mut got = [0u8; HANDSHAKE_LEN];
+        if p.sock.read_exact(&mut got).is_ok() && p.recv().is_some() {
+            idle.push(p);
+        }
+    }
+    assert!(!idle.is_empty(), "the seeder kept none of the idle peers");
+    let held = idle.len();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keepalive = {
+        let stop = stop.clone();
+        let mut socks: Vec<TcpStream> = idle.iter().map(|p| p.sock.try_clone().unwrap()).collect();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut socks {
+                    let _ = s.write_all(&[0, 0, 0, 0]); // dropped ones fail: fine
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let dst = dir.path().join("dst");
+    let mut d = download(
+        &dir.path().join("t.torrent"),
+        &dst,
+        &dir.path().join("dl.log"),
+        &["--peer", &addr.to_string()],
+    );
+    let status = d.wait_exit(WATCHDOG);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keepalive.join().unwrap();
+    assert!(status.success(), "download failed: {}", d.stderr());
+    assert_eq!(std::fs::read(dst.join("blob")).unwrap(), content);
+    eprintln!("{held} idle peers held slots");
+}
+
 /// Whether swarmfs closed `s` at once: its first read ends (EOF or reset) within the watchdog.
 /// A read that times out means the connection was kept, and fails the test.
 fn closed_by_swarmfs(s: &mut TcpStream) -> bool {

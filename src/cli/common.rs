@@ -38,7 +38,9 @@ pub struct SwarmArgs {
     /// Cap on download rate in bytes per second (e.g. 10MiB).
     #[arg(long, value_name = "RATE", value_parser = size_arg)]
     pub download_rate: Option<u64>,
-    /// Most peers connected at once for this torrent.
+    /// Most peers connected at once for this torrent. One in five of these slots is kept for
+    /// connections we open; when all are taken, a peer that has been neither interested in us
+    /// nor sending us data for 5 s gives its slot to a newcomer.
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub max_peers: usize,
     /// Most incoming connections at once for the whole process (all torrents); more are closed

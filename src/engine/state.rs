@@ -36,6 +36,11 @@ const MAX_EVIDENCE_BYTES: usize = 16 << 20;
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections being opened at once.
 const MAX_HALF_OPEN: usize = 8;
+/// A peer that has been neither interested in us nor sent us a block for this long is idle: its
+/// slot goes to a newcomer when all are taken (so idle connections cannot lock peers out).
+const IDLE_AFTER: Duration = Duration::from_secs(5);
+/// The share of `max_peers` only our own outgoing connections may take (one in five).
+const OUTGOING_RESERVE_DIVISOR: usize = 5;
 /// Bounds on what a long session remembers about peers it no longer talks to.
 const MAX_KNOWN_ADDRS: usize = 10_000;
 const MAX_CANDIDATES: usize = 2_000;
@@ -99,6 +104,16 @@ struct PeerEntry {
     path: Option<PathEstimate>,
     /// Whether it unchoked us (None: it has said neither yet).
     unchoking_us: Option<bool>,
+    /// When it last was interested in us or sent us a block (or connected).
+    useful_at: Instant,
+    /// Dropped to free its slot; its task has not ended yet.
+    evicted: bool,
+}
+
+impl PeerEntry {
+    fn is_incoming(&self) -> bool {
+        self.source == PeerSource::Incoming
+    }
 }
 
 /// A sequential reader's readahead window (one per open file handle).
@@ -291,7 +306,7 @@ impl State {
         }
         assert!(self.read_waiters.values().all(|&n| n > 0));
         assert!(self.peers.keys().all(|&k| k < self.next_peer_key));
-        assert!(self.peers.len() <= self.cfg.max_peers);
+        assert!(self.slots_taken(false) <= self.cfg.max_peers);
         assert!(self.candidates.len() <= MAX_CANDIDATES);
     }
 
@@ -325,7 +340,7 @@ impl State {
 
     /// The next address to connect to, if there is room for another connection.
     pub fn start_connect(&mut self) -> Option<SocketAddr> {
-        while self.peers.len() + self.connecting < self.cfg.max_peers
+        while self.slots_taken(false) + self.connecting < self.cfg.max_peers
             && self.connecting < MAX_HALF_OPEN
         {
             let addr = self.candidates.pop_front()?;
@@ -343,8 +358,51 @@ impl State {
         self.connecting = self.connecting.saturating_sub(1);
     }
 
-    /// A connected peer joins; None if we must not keep it (banned, self, duplicate, full).
-    /// Returns its key and what we hold now (the peer's opening bitfield).
+    /// Connections holding a slot (all, or only incoming ones); evicted ones hold none.
+    fn slots_taken(&self, incoming_only: bool) -> usize {
+        self.peers
+            .values()
+            .filter(|p| !p.evicted && (!incoming_only || p.is_incoming()))
+            .count()
+    }
+
+    /// Whether a newcomer finds a slot, freeing an idle peer's if need be. Incoming
+    /// connections may not take the slots kept for our own outgoing ones.
+    fn make_room(&mut self, outgoing: bool, now: Instant) -> bool {
+        let reserve = self.cfg.max_peers / OUTGOING_RESERVE_DIVISOR;
+        let full = if outgoing {
+            self.slots_taken(false) >= self.cfg.max_peers
+        } else {
+            self.slots_taken(false) >= self.cfg.max_peers
+                || self.slots_taken(true) >= self.cfg.max_peers - reserve
+        };
+        if !full {
+            return true;
+        }
+        // Incoming newcomers replace incoming peers: the reserve stays with outgoing ones.
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.evicted && (outgoing || p.is_incoming()))
+            .filter(|(_, p)| {
+                !p.peer_interested && now.saturating_duration_since(p.useful_at) >= IDLE_AFTER
+            })
+            .map(|(k, p)| (p.useful_at, *k))
+            .min();
+        let Some((_, victim)) = victim else {
+            return false;
+        };
+        if let Some(p) = self.peers.get_mut(&victim) {
+            log::debug!("dropping idle peer {} to make room", p.addr);
+            p.evicted = true;
+            p.cancel.cancel();
+        }
+        true
+    }
+
+    /// A connected peer joins; None if we must not keep it (banned, self, duplicate, or full of
+    /// peers that are not idle). Returns its key and what we hold now (the peer's opening
+    /// bitfield).
     pub fn peer_joined(
         &mut self,
         addr: SocketAddr,
@@ -358,7 +416,7 @@ impl State {
             || self.banned_addrs.contains(&addr.ip())
             || self.banned_ids.contains(&peer_id)
             || self.peers.values().any(|p| p.peer_id == peer_id)
-            || self.peers.len() >= self.cfg.max_peers
+            || !self.make_room(outgoing, now)
         {
             return None;
         }
@@ -393,6 +451,8 @@ impl State {
                 is_seed: false,
                 path: None,
                 unchoking_us: None,
+                useful_at: now,
+                evicted: false,
             },
         );
         if self.picker.have().count_ones() > 0 && self.choker.on_connected(key) {
@@ -521,6 +581,8 @@ impl State {
     pub fn peer_interested(&mut self, key: PeerKey, interested: bool, now: Instant) {
         if let Some(p) = self.peers.get_mut(&key) {
             p.peer_interested = interested;
+            // Useful until now: its idle time starts when it loses interest.
+            p.useful_at = now;
         }
         if interested {
             let samples = self.samples();
@@ -632,6 +694,7 @@ impl State {
         if let Some(p) = self.peers.get_mut(&key) {
             p.downloaded += data.len() as u64;
             p.last_block_at = Some(now);
+            p.useful_at = now;
         }
         let outcome = self.picker.block_received(key, block, now);
         let BlockOutcome::Accepted {
@@ -1319,6 +1382,56 @@ mod tests {
         assert!(st.peers[&attacker].cancel.is_cancelled());
         assert!(!st.peers[&honest].cancel.is_cancelled());
         drain(&mut honest_rx);
+    }
+
+    /// A peer joining at `now` from 127.0.0.`id`; its key and cancel token if it was let in.
+    fn join_at(
+        st: &mut State,
+        id: u8,
+        outgoing: bool,
+        now: Instant,
+    ) -> Option<(PeerKey, CancellationToken)> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let addr = SocketAddr::from(([127, 0, 0, id], 6000));
+        let (k, _) = st.peer_joined(addr, outgoing, [id; 20], tx, cancel.clone(), now)?;
+        Some((k, cancel))
+    }
+
+    #[test]
+    fn idle_peers_give_their_slots_to_newcomers_and_useful_ones_keep_theirs() {
+        let mut st = state(4, 4, "####");
+        st.cfg.max_peers = 10; // 2 kept for outgoing connections, 8 for incoming ones
+        let t0 = Instant::now();
+        let held: Vec<_> =
+            (2..=9) // [1; 20] is our own peer id
+                .map(|id| join_at(&mut st, id, false, t0).expect("a free slot"))
+                .collect();
+        // Peer 1 is interested in us; peer 2 sends us data. The others say nothing.
+        st.peer_interested(held[0].0, true, t0);
+        assert!(
+            join_at(&mut st, 20, false, t0 + IDLE_AFTER / 2).is_none(),
+            "nobody is idle yet: the newcomer is refused"
+        );
+        let later = t0 + IDLE_AFTER * 2;
+        st.peers.get_mut(&held[1].0).unwrap().useful_at = later;
+        for id in 21..27 {
+            assert!(
+                join_at(&mut st, id, false, later).is_some(),
+                "newcomer {id}"
+            );
+        }
+        let evicted = held.iter().filter(|(_, c)| c.is_cancelled()).count();
+        assert_eq!(evicted, 6, "each newcomer took an idle peer's slot");
+        assert!(!held[0].1.is_cancelled() && !held[1].1.is_cancelled());
+        assert!(
+            join_at(&mut st, 27, false, later).is_none(),
+            "the useful peers and the newcomers keep their slots"
+        );
+        assert!(
+            join_at(&mut st, 30, true, later).is_some(),
+            "the slots kept for outgoing connections are free"
+        );
     }
 
     #[test]
