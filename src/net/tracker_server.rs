@@ -43,6 +43,9 @@ pub const MAX_TORRENTS: usize = 10_000;
 pub const MAX_PEERS_PER_TORRENT: usize = 2_000;
 /// Most peers kept over all torrents.
 pub const MAX_PEERS_TOTAL: usize = 200_000;
+/// Most peer entries (over all torrents) one address may hold, so that one client cannot fill
+/// the tracker with fake torrents or peers and lock everyone else out.
+pub const MAX_ENTRIES_PER_ADDRESS: usize = MAX_TORRENTS / 10;
 /// Peers given when the client does not say `numwant`, and the most given in any case.
 pub const DEFAULT_NUMWANT: usize = 50;
 pub const MAX_NUMWANT: usize = 200;
@@ -511,7 +514,37 @@ impl Swarm {
 struct Registry {
     swarms: HashMap<[u8; 20], Swarm>,
     total_peers: usize,
+    /// Peer entries by address (IP), for `MAX_ENTRIES_PER_ADDRESS`.
+    per_address: HashMap<IpAddr, usize>,
     cfg: TrackerConfig,
+}
+
+/// Counts one entry of `addr` fewer.
+fn forget(per_address: &mut HashMap<IpAddr, usize>, addr: &SocketAddr) {
+    if let Some(n) = per_address.get_mut(&addr.ip()) {
+        *n -= 1;
+        if *n == 0 {
+            per_address.remove(&addr.ip());
+        }
+    }
+}
+
+/// Drops the entries of `swarm` not seen within `expiry`; returns how many.
+fn expire_swarm(
+    swarm: &mut Swarm,
+    per_address: &mut HashMap<IpAddr, usize>,
+    now: Instant,
+    expiry: Duration,
+) -> usize {
+    let before = swarm.peers.len();
+    swarm.peers.retain(|addr, entry| {
+        let live = now.saturating_duration_since(entry.last_seen) < expiry;
+        if !live {
+            forget(per_address, addr);
+        }
+        live
+    });
+    before - swarm.peers.len()
 }
 
 impl Registry {
@@ -519,6 +552,7 @@ impl Registry {
         Registry {
             swarms: HashMap::new(),
             total_peers: 0,
+            per_address: HashMap::new(),
             cfg,
         }
     }
@@ -534,17 +568,14 @@ impl Registry {
     ) -> Result<AnnounceResponse, String> {
         let expiry = self.cfg.peer_expiry;
         if let Some(swarm) = self.swarms.get_mut(&query.peer.info_hash) {
-            let before = swarm.peers.len();
-            swarm
-                .peers
-                .retain(|_, entry| now.saturating_duration_since(entry.last_seen) < expiry);
-            self.total_peers -= before - swarm.peers.len();
+            self.total_peers -= expire_swarm(swarm, &mut self.per_address, now, expiry);
         }
         if query.event == Some(AnnounceEvent::Stopped) {
             let mut stats = ScrapeStats::default();
             if let Some(swarm) = self.swarms.get_mut(&query.peer.info_hash) {
                 if swarm.peers.remove(&peer).is_some() {
                     self.total_peers -= 1;
+                    forget(&mut self.per_address, &peer);
                 }
                 stats = swarm.stats();
                 if swarm.peers.is_empty() {
@@ -557,15 +588,24 @@ impl Registry {
             return Err("tracker is full: too many torrents".into());
         }
         let total_full = self.total_peers >= MAX_PEERS_TOTAL;
+        let address_entries = self.per_address.get(&peer.ip()).copied().unwrap_or(0);
         let swarm = self.swarms.entry(query.peer.info_hash).or_default();
         if !swarm.peers.contains_key(&peer) {
-            if swarm.peers.len() >= MAX_PEERS_PER_TORRENT || total_full {
+            let refusal = if address_entries >= MAX_ENTRIES_PER_ADDRESS {
+                Some("too many announces from your address")
+            } else if swarm.peers.len() >= MAX_PEERS_PER_TORRENT || total_full {
+                Some("tracker is full: too many peers")
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
                 if swarm.peers.is_empty() {
                     self.swarms.remove(&query.peer.info_hash);
                 }
-                return Err("tracker is full: too many peers".into());
+                return Err(reason.into());
             }
             self.total_peers += 1;
+            *self.per_address.entry(peer.ip()).or_insert(0) += 1;
         }
         swarm.peers.insert(
             peer,
@@ -625,12 +665,9 @@ impl Registry {
     fn expire(&mut self, now: Instant) {
         let expiry = self.cfg.peer_expiry;
         let mut removed = 0;
+        let per_address = &mut self.per_address;
         self.swarms.retain(|_, swarm| {
-            let before = swarm.peers.len();
-            swarm
-                .peers
-                .retain(|_, entry| now.saturating_duration_since(entry.last_seen) < expiry);
-            removed += before - swarm.peers.len();
+            removed += expire_swarm(swarm, per_address, now, expiry);
             !swarm.peers.is_empty()
         });
         self.total_peers -= removed;
@@ -823,15 +860,60 @@ mod tests {
         assert_eq!(reg.total_peers, 0);
     }
 
+    /// One client announcing fake torrents used to fill the tracker (10,000 in 1.5 s), after
+    /// which every new torrent was refused. Now one address holds at most its budget.
+    #[test]
+    fn one_address_cannot_fill_the_tracker() {
+        let mut reg = registry(30);
+        let mut rng = rand::thread_rng();
+        let now = Instant::now();
+        let mut refused = 0;
+        for i in 0..MAX_TORRENTS as u32 + 10 {
+            let mut q = query(0, 7000, 5, None);
+            q.peer.info_hash[..4].copy_from_slice(&i.to_be_bytes());
+            match reg.announce(&q, addr(7000), PeerFamily::Any, now, &mut rng) {
+                Ok(_) => {}
+                Err(reason) => {
+                    assert!(reason.contains("your address"), "{reason}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(reg.swarms.len(), MAX_ENTRIES_PER_ADDRESS);
+        assert_eq!(refused, MAX_TORRENTS + 10 - MAX_ENTRIES_PER_ADDRESS);
+        let other = SocketAddr::from(([127, 0, 0, 2], 7000));
+        reg.announce(
+            &query(200, 7000, 5, None),
+            other,
+            PeerFamily::Any,
+            now,
+            &mut rng,
+        )
+        .expect("another address is served");
+        // Leaving (or expiring) gives the budget back.
+        let mut leaving = query(0, 7000, 5, Some(AnnounceEvent::Stopped));
+        leaving.peer.info_hash[..4].copy_from_slice(&0u32.to_be_bytes());
+        reg.announce(&leaving, addr(7000), PeerFamily::Any, now, &mut rng)
+            .unwrap();
+        let mut q = query(0, 7000, 5, None);
+        q.peer.info_hash[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        reg.announce(&q, addr(7000), PeerFamily::Any, now, &mut rng)
+            .expect("room again after a stop");
+        reg.expire(now + Duration::from_secs(31));
+        assert!(reg.per_address.is_empty() && reg.swarms.is_empty());
+    }
+
     #[test]
     fn numwant_and_swarm_size_are_bounded() {
         let mut reg = registry(30);
         let mut rng = rand::thread_rng();
         let now = Instant::now();
         for port in 1..=(MAX_PEERS_PER_TORRENT as u16) {
+            // Each from an address of its own: one address may hold only so many entries.
+            let from = SocketAddr::from(([10, 0, (port >> 8) as u8, port as u8], port));
             reg.announce(
                 &query(1, port, 5, None),
-                addr(port),
+                from,
                 PeerFamily::Any,
                 now,
                 &mut rng,
@@ -848,14 +930,15 @@ mod tests {
         assert!(full.unwrap_err().contains("full"));
         let mut asks_many = query(1, 1, 5, None);
         asks_many.numwant = Some(u32::MAX);
+        let first = SocketAddr::from(([10, 0, 0, 1], 1));
         let answer = reg
-            .announce(&asks_many, addr(1), PeerFamily::Any, now, &mut rng)
+            .announce(&asks_many, first, PeerFamily::Any, now, &mut rng)
             .unwrap();
         assert_eq!(answer.peers.len(), MAX_NUMWANT);
-        assert!(!answer.peers.contains(&addr(1)));
+        assert!(!answer.peers.contains(&first));
         asks_many.numwant = Some(3);
         assert_eq!(
-            reg.announce(&asks_many, addr(1), PeerFamily::Any, now, &mut rng)
+            reg.announce(&asks_many, first, PeerFamily::Any, now, &mut rng)
                 .unwrap()
                 .peers
                 .len(),
