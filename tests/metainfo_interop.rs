@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const SWARMFS: &str = env!("CARGO_BIN_EXE_swarmfs");
-/// Debian's python3, the only one that can import libtorrent.
-const PYTHON: &str = "/usr/bin/python3";
+mod common;
+use common::{bin, info_json_files, require_libtorrent, LIBTORRENT_PYTHON as PYTHON};
+
 const TRACKER: &str = "http://127.0.0.1:6969/announce";
 
 const LT_SHOW: &str = r#"
@@ -43,17 +43,6 @@ fn require_tool(name: &str) {
     assert!(
         found,
         "`{name}` is not installed; scripts/test.sh installs it (it is needed for interop tests)"
-    );
-}
-
-fn require_libtorrent() {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import libtorrent"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "python3-libtorrent is not importable from {PYTHON}; scripts/test.sh installs it"
     );
 }
 
@@ -108,24 +97,9 @@ struct View {
 }
 
 fn swarmfs_view(torrent: &Path) -> View {
-    let out = run(Command::new(SWARMFS).arg("info").arg("--json").arg(torrent));
+    let out = run(Command::new(bin()).arg("info").arg("--json").arg(torrent));
     let v: Value = serde_json::from_str(&stdout(&out)).expect("info --json prints JSON");
-    let name = v["name"].as_str().unwrap();
-    let multi = v["multi_file"].as_bool().unwrap();
-    let files = v["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            let path = f["path"].as_str().unwrap();
-            let full = if multi {
-                format!("{name}/{path}")
-            } else {
-                path.to_string()
-            };
-            (full, f["length"].as_u64().unwrap())
-        })
-        .collect();
+    let (_, files) = info_json_files(&v);
     View {
         info_hash: v["info_hash"].as_str().unwrap().to_string(),
         piece_count: v["piece_count"].as_u64().unwrap(),
@@ -264,7 +238,7 @@ fn transmission_create_torrents_read_like_reference_tools() {
 
 /// Runs `swarmfs create` and returns the info-hash it printed.
 fn swarmfs_create(source: &Path, out: &Path, extra: &[&str]) -> String {
-    let output = run(Command::new(SWARMFS)
+    let output = run(Command::new(bin())
         .arg("create")
         .arg(source)
         .arg("-o")
@@ -370,7 +344,7 @@ fn libtorrent_pad_files_are_hidden_and_hash_matches() {
     assert_eq!(listed, expected);
     assert_eq!(ours.files, lt.files);
     // Human output does not show pad files either.
-    let text = stdout(&run(Command::new(SWARMFS).arg("info").arg(&out)));
+    let text = stdout(&run(Command::new(bin()).arg("info").arg(&out)));
     assert!(text.contains(&lt.info_hash));
     assert!(!text.contains(".pad"), "{text}");
 }
@@ -380,17 +354,13 @@ fn cli_reports_bad_input_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.torrent");
     std::fs::write(&bad, b"d4:infod4:name2:..ee").unwrap();
-    let out = Command::new(SWARMFS)
-        .arg("info")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).arg("info").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("not a valid torrent"), "{err}");
 
-    let out = Command::new(SWARMFS)
+    let out = Command::new(bin())
         .args(["info", "magnet:?xt=urn:btih:123"])
         .output()
         .unwrap();
@@ -399,7 +369,7 @@ fn cli_reports_bad_input_in_one_line() {
 
     let file = dir.path().join("f");
     std::fs::write(&file, b"x").unwrap();
-    let out = Command::new(SWARMFS)
+    let out = Command::new(bin())
         .arg("create")
         .arg(&file)
         .arg("-o")
@@ -414,7 +384,7 @@ fn cli_reports_bad_input_in_one_line() {
     // libtorrent and Transmission refuse torrents with no data, so we do not make them.
     let empty = dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
-    let out = Command::new(SWARMFS)
+    let out = Command::new(bin())
         .arg("create")
         .arg(&empty)
         .arg("-o")
@@ -431,7 +401,7 @@ fn info_shows_what_a_magnet_link_holds() {
     let link = format!(
         "magnet:?xt=urn:btih:{hash}&dn=My+Data&tr=http%3A%2F%2F127.0.0.1%3A6969%2Fannounce&x.pe=127.0.0.1:6881&x.pe=[::1]:6882"
     );
-    let out = run(Command::new(SWARMFS).args(["info", "--json", &link]));
+    let out = run(Command::new(bin()).args(["info", "--json", &link]));
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["info_hash"], hash);
     assert_eq!(v["name"], "My Data");

@@ -13,10 +13,11 @@ use serde_json::Value;
 use sha1::{Digest, Sha1};
 use swarmfs::core::bencode::Owned;
 
-use common::{bin, download, files_under, run_ok, seeder};
+use common::{
+    bin, download, files_under, info_json_files, require_libtorrent, run_ok, seeder,
+    LIBTORRENT_PYTHON,
+};
 
-/// Debian's python3, the only one that can import libtorrent.
-const PYTHON: &str = "/usr/bin/python3";
 const PIECE: u64 = 16384;
 
 /// One JSON line per torrent file named on the command line: the name and the non-pad files
@@ -126,15 +127,12 @@ fn hybrid(name: &[u8], tree_name: &[u8], tree_length: i64) -> Vec<u8> {
 }
 
 fn libtorrent_opens(torrents: &[&Path]) -> Vec<Opened> {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import libtorrent"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "python3-libtorrent is not importable from {PYTHON}; scripts/test.sh installs it"
+    require_libtorrent();
+    let out = run_ok(
+        Command::new(LIBTORRENT_PYTHON)
+            .args(["-c", LT_OPEN])
+            .args(torrents),
     );
-    let out = run_ok(Command::new(PYTHON).args(["-c", LT_OPEN]).args(torrents));
     let opened: Vec<Opened> = out
         .lines()
         .map(|line| {
@@ -173,23 +171,7 @@ fn swarmfs_opens(torrent: &Path) -> Opened {
         return Err(err);
     }
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let name = v["name"].as_str().unwrap().to_string();
-    let multi = v["multi_file"].as_bool().unwrap();
-    let files = v["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            let path = f["path"].as_str().unwrap();
-            let full = if multi {
-                format!("{name}/{path}")
-            } else {
-                path.to_string()
-            };
-            (full, f["length"].as_u64().unwrap())
-        })
-        .collect();
-    Ok((name, files))
+    Ok(info_json_files(&v))
 }
 
 const BITCOMET_PAD: &[u8] =

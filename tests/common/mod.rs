@@ -480,3 +480,40 @@ pub fn received_by_peer(stdout: &[String]) -> Vec<(String, String, u64)> {
         })
         .collect()
 }
+
+/// Debian's python3, the only one that can import libtorrent.
+pub const LIBTORRENT_PYTHON: &str = "/usr/bin/python3";
+
+/// Fails unless python3-libtorrent imports (scripts/test.sh installs it): a missing reference
+/// client is a failure, not a skip.
+pub fn require_libtorrent() {
+    let ok = Command::new(LIBTORRENT_PYTHON)
+        .args(["-c", "import libtorrent"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "python3-libtorrent is not importable from {LIBTORRENT_PYTHON}; scripts/test.sh installs it"
+    );
+}
+
+/// The name and files of `swarmfs info --json` output: files as full paths (`name/dir/file`
+/// for a multi-file torrent, `name` for a single file) with their lengths.
+pub fn info_json_files(v: &serde_json::Value) -> (String, Vec<(String, u64)>) {
+    let name = v["name"].as_str().unwrap().to_string();
+    let multi = v["multi_file"].as_bool().unwrap();
+    let files = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let path = f["path"].as_str().unwrap();
+            let full = match multi {
+                true => format!("{name}/{path}"),
+                false => path.to_string(),
+            };
+            (full, f["length"].as_u64().unwrap())
+        })
+        .collect();
+    (name, files)
+}
