@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod common;
-use common::{bin, info_json_files, require_libtorrent, LIBTORRENT_PYTHON as PYTHON};
+use common::{bin, info_json_files, require_libtorrent, PY as PYTHON};
 
 const TRACKER: &str = "http://127.0.0.1:6969/announce";
 

@@ -13,10 +13,7 @@ use serde_json::Value;
 use sha1::{Digest, Sha1};
 use swarmfs::core::bencode::Owned;
 
-use common::{
-    bin, download, files_under, info_json_files, require_libtorrent, run_ok, seeder,
-    LIBTORRENT_PYTHON,
-};
+use common::{bin, download, files_under, info_json_files, require_libtorrent, run_ok, seeder, PY};
 
 const PIECE: u64 = 16384;
 
@@ -128,11 +125,7 @@ fn hybrid(name: &[u8], tree_name: &[u8], tree_length: i64) -> Vec<u8> {
 
 fn libtorrent_opens(torrents: &[&Path]) -> Vec<Opened> {
     require_libtorrent();
-    let out = run_ok(
-        Command::new(LIBTORRENT_PYTHON)
-            .args(["-c", LT_OPEN])
-            .args(torrents),
-    );
+    let out = run_ok(Command::new(PY).args(["-c", LT_OPEN]).args(torrents));
     let opened: Vec<Opened> = out
         .lines()
         .map(|line| {

@@ -52,6 +52,17 @@ pub enum PeerError {
     WriterGone,
 }
 
+impl PeerError {
+    /// Whether the peer broke the protocol (after its handshake): worth a ban, not only a
+    /// disconnect.
+    fn is_misbehaviour(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Violation(_) | PeerError::Io(PeerIoError::Protocol(_))
+        )
+    }
+}
+
 pub async fn connect_and_run(t: Arc<Torrent>, addr: SocketAddr) -> Result<(), PeerError> {
     let ours = Handshake::new(t.info_hash.0, t.peer_id);
     let r = peer::connect(addr, &ours).await;
@@ -133,8 +144,17 @@ pub async fn run(
         (Err(PeerError::WriterGone), Ok(Ok(Err(e)))) => Err(e.into()),
         (r, _) => r,
     };
-    if let Err(e) = &result {
-        log::debug!("peer {addr}: {e}");
+    match &result {
+        Err(e) if e.is_misbehaviour() => {
+            log::info!(
+                "banning peer {} for {:?}: {e}",
+                addr.ip(),
+                crate::engine::state::VIOLATION_BAN
+            );
+            t.lock().peer_misbehaved(addr.ip(), now());
+        }
+        Err(e) => log::debug!("peer {addr}: {e}"),
+        Ok(()) => {}
     }
     result
 }

@@ -30,6 +30,9 @@ use crate::core::pex;
 use crate::core::picker::{BlockOutcome, PeerKey, Picker};
 use crate::engine::{PeerSource, SourceCounts};
 
+/// How long an address that broke the protocol stays banned. Not for good, as corrupt data is:
+/// a client's bug looks the same as an attack here.
+pub(crate) const VIOLATION_BAN: Duration = Duration::from_secs(600);
 /// Failed copies of pieces kept to find out who of several senders sent the bad blocks.
 const MAX_EVIDENCE_BYTES: usize = 16 << 20;
 /// Blocks outstanding at one peer longer than this go to other peers.
@@ -162,9 +165,9 @@ pub(crate) struct State {
     connecting: usize,
     /// Who sent corrupt data: strikes by address.
     blame: Blame,
-    /// Peers banned for corrupt data, by address (the IP: a new port or peer id is no escape)
-    /// and by peer id.
-    banned_addrs: LruCache<IpAddr, ()>,
+    /// Banned addresses (the IP: a new port or peer id is no escape): for good (corrupt data,
+    /// and their peer ids too) or until a time (protocol violations).
+    banned_addrs: LruCache<IpAddr, Option<Instant>>,
     banned_ids: LruCache<[u8; 20], ()>,
     /// Pieces verified on disk (with a data dir): they survive cache eviction.
     on_disk: Bitfield,
@@ -315,7 +318,7 @@ impl State {
     /// A peer address from discovery (`--peer`, trackers, the DHT, PEX); ignored if known,
     /// banned or ourselves.
     pub fn add_candidate(&mut self, addr: SocketAddr, source: PeerSource) {
-        if self.banned_addrs.contains(&addr.ip()) || self.known.contains(&addr) {
+        if self.banned_for_good(addr.ip()) || self.known.contains(&addr) {
             return;
         }
         if addr.port() == self.cfg.listen_port && addr.ip().is_loopback() {
@@ -331,8 +334,7 @@ impl State {
     /// Lets a known address be tried again (explicit `--peer`s after a disconnect).
     pub fn requeue(&mut self, addr: SocketAddr) {
         let connected = self.peers.values().any(|p| p.addr == addr);
-        if !connected && !self.candidates.contains(&addr) && !self.banned_addrs.contains(&addr.ip())
-        {
+        if !connected && !self.candidates.contains(&addr) && !self.banned_for_good(addr.ip()) {
             self.known.put(addr, PeerSource::Direct);
             self.candidates.push_back(addr);
         }
@@ -344,8 +346,7 @@ impl State {
             && self.connecting < MAX_HALF_OPEN
         {
             let addr = self.candidates.pop_front()?;
-            if self.banned_addrs.contains(&addr.ip()) || self.peers.values().any(|p| p.addr == addr)
-            {
+            if self.banned_for_good(addr.ip()) || self.peers.values().any(|p| p.addr == addr) {
                 continue;
             }
             self.connecting += 1;
@@ -413,7 +414,7 @@ impl State {
         now: Instant,
     ) -> Option<(PeerKey, Bitfield)> {
         if peer_id == self.cfg.our_peer_id
-            || self.banned_addrs.contains(&addr.ip())
+            || self.banned_at(addr.ip(), now)
             || self.banned_ids.contains(&peer_id)
             || self.peers.values().any(|p| p.peer_id == peer_id)
             || !self.make_room(outgoing, now)
@@ -774,16 +775,41 @@ impl State {
         (contributors.len(), banned)
     }
 
-    /// Bans addresses: their connections are dropped, and no peer id of theirs joins again.
+    /// Bans addresses for good: their connections are dropped, and no peer id of theirs joins
+    /// again.
     fn ban(&mut self, addrs: Vec<IpAddr>) -> Vec<Banned> {
         for &addr in &addrs {
-            self.banned_addrs.put(addr, ());
+            self.banned_addrs.put(addr, None);
             for p in self.peers.values().filter(|p| p.addr.ip() == addr) {
                 p.cancel.cancel();
                 self.banned_ids.put(p.peer_id, ());
             }
         }
         addrs.into_iter().map(|addr| Banned { addr }).collect()
+    }
+
+    /// A peer broke the protocol: its address is banned for `VIOLATION_BAN` (unless it
+    /// already is for good), and its other connections are dropped.
+    pub fn peer_misbehaved(&mut self, addr: IpAddr, now: Instant) {
+        if self.banned_for_good(addr) {
+            return;
+        }
+        self.banned_addrs.put(addr, Some(now + VIOLATION_BAN));
+        for p in self.peers.values().filter(|p| p.addr.ip() == addr) {
+            p.cancel.cancel();
+        }
+    }
+
+    fn banned_for_good(&self, addr: IpAddr) -> bool {
+        matches!(self.banned_addrs.peek(&addr), Some(None))
+    }
+
+    fn banned_at(&self, addr: IpAddr, now: Instant) -> bool {
+        match self.banned_addrs.peek(&addr) {
+            Some(None) => true,
+            Some(Some(until)) => now < *until,
+            None => false,
+        }
     }
 
     pub fn set_store_failed(&mut self) {
@@ -1431,6 +1457,25 @@ mod tests {
         assert!(
             join_at(&mut st, 30, true, later).is_some(),
             "the slots kept for outgoing connections are free"
+        );
+    }
+
+    #[test]
+    fn a_protocol_violation_bans_the_address_for_a_while() {
+        let mut st = state(4, 4, "####");
+        let t0 = Instant::now();
+        let (k, cancel) = join_at(&mut st, 7, false, t0).unwrap();
+        st.peer_misbehaved(IpAddr::from([127, 0, 0, 7]), t0);
+        assert!(cancel.is_cancelled(), "its connections are dropped");
+        st.peer_left(k, &Bitfield::new(4));
+        assert!(join_at(&mut st, 7, false, t0 + VIOLATION_BAN / 2).is_none());
+        assert!(
+            join_at(&mut st, 8, false, t0).is_some(),
+            "others still join"
+        );
+        assert!(
+            join_at(&mut st, 7, false, t0 + VIOLATION_BAN).is_some(),
+            "the ban ends"
         );
     }
 

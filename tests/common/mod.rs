@@ -481,19 +481,16 @@ pub fn received_by_peer(stdout: &[String]) -> Vec<(String, String, u64)> {
         .collect()
 }
 
-/// Debian's python3, the only one that can import libtorrent.
-pub const LIBTORRENT_PYTHON: &str = "/usr/bin/python3";
-
 /// Fails unless python3-libtorrent imports (scripts/test.sh installs it): a missing reference
 /// client is a failure, not a skip.
 pub fn require_libtorrent() {
-    let ok = Command::new(LIBTORRENT_PYTHON)
+    let ok = Command::new(PY)
         .args(["-c", "import libtorrent"])
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
         ok,
-        "python3-libtorrent is not importable from {LIBTORRENT_PYTHON}; scripts/test.sh installs it"
+        "python3-libtorrent is not importable from {PY}; scripts/test.sh installs it"
     );
 }
 
