@@ -37,6 +37,9 @@ pub(crate) const VIOLATION_BAN: Duration = Duration::from_secs(600);
 const MAX_EVIDENCE_BYTES: usize = 16 << 20;
 /// Blocks outstanding at one peer longer than this go to other peers.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// A peer that has had our requests this long and sent no block is dropped: it unchoked us
+/// and sends nothing (a slow honest peer delivers something meanwhile).
+const STALL_TIMEOUT: Duration = REQUEST_TIMEOUT;
 /// Connections being opened at once.
 const MAX_HALF_OPEN: usize = 8;
 /// A peer that has been neither interested in us nor sent us a block for this long is idle: its
@@ -109,6 +112,8 @@ struct PeerEntry {
     unchoking_us: Option<bool>,
     /// When it last was interested in us or sent us a block (or connected).
     useful_at: Instant,
+    /// Since when it has had requests of ours and sent no block.
+    stalled_since: Option<Instant>,
     /// Dropped to free its slot; its task has not ended yet.
     evicted: bool,
 }
@@ -453,6 +458,7 @@ impl State {
                 path: None,
                 unchoking_us: None,
                 useful_at: now,
+                stalled_since: None,
                 evicted: false,
             },
         );
@@ -632,6 +638,9 @@ impl State {
         let blocks = self
             .picker
             .pick_sharing_deadlines(key, bitfield, max, deadline_max, now);
+        if let Some(p) = self.peers.get_mut(&key).filter(|_| !blocks.is_empty()) {
+            p.stalled_since.get_or_insert(now);
+        }
         self.debug_check();
         blocks
     }
@@ -658,14 +667,28 @@ impl State {
     pub fn peer_choked_us(&mut self, key: PeerKey) {
         if let Some(p) = self.peers.get_mut(&key) {
             p.unchoking_us = Some(false);
+            p.stalled_since = None;
         }
         if !self.picker.peer_choked(key).is_empty() {
             self.wake_peers();
         }
     }
 
-    /// Requests outstanding too long go back to the pool; their peers hear of it.
+    /// Requests outstanding too long go back to the pool; their peers hear of it. Peers that
+    /// have sent nothing for `STALL_TIMEOUT` while holding requests are dropped.
     pub fn expire_requests(&mut self, now: Instant) {
+        for (k, p) in &self.peers {
+            let stalled = p
+                .stalled_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= STALL_TIMEOUT);
+            if stalled && !p.evicted && self.picker.in_flight(*k) > 0 {
+                log::info!(
+                    "dropping peer {}: it has sent nothing for {STALL_TIMEOUT:?} while holding our requests",
+                    p.addr
+                );
+                p.cancel.cancel();
+            }
+        }
         let expired = self.picker.expire_requests(now, REQUEST_TIMEOUT);
         if !expired.is_empty() {
             log::debug!("{} requests timed out", expired.len());
@@ -696,6 +719,7 @@ impl State {
             p.downloaded += data.len() as u64;
             p.last_block_at = Some(now);
             p.useful_at = now;
+            p.stalled_since = None;
         }
         let outcome = self.picker.block_received(key, block, now);
         let BlockOutcome::Accepted {
@@ -724,8 +748,13 @@ impl State {
             *sender = self.peers.get(&key).map(|p| p.addr.ip());
         }
         for k in cancel {
-            if let Some(p) = self.peers.get(&k) {
+            let idle = self.picker.in_flight(k) == 0;
+            if let Some(p) = self.peers.get_mut(&k) {
                 let _ = p.tx.send(Command::Cancel(block));
+                // Beaten to every block it held: not its fault.
+                if idle {
+                    p.stalled_since = None;
+                }
             }
         }
         let done = if piece_complete {
@@ -1477,6 +1506,28 @@ mod tests {
             join_at(&mut st, 7, false, t0 + VIOLATION_BAN).is_some(),
             "the ban ends"
         );
+    }
+
+    #[test]
+    fn a_peer_that_holds_our_requests_and_sends_nothing_is_dropped() {
+        let mut st = state(4, 4, "....");
+        st.picker.set_background(true);
+        let bf = Bitfield::full(4);
+        let t0 = Instant::now();
+        let (silent, silent_cancel) = join_at(&mut st, 2, true, t0).unwrap();
+        let (slow, slow_cancel) = join_at(&mut st, 3, true, t0).unwrap();
+        st.peer_bitfield(&bf);
+        st.peer_bitfield(&bf);
+        assert_eq!(st.pick(silent, &bf, 2, t0).len(), 2);
+        let slow_blocks = st.pick(slow, &bf, 2, t0);
+        // The slow peer delivers one block late; the silent one nothing.
+        let late = t0 + STALL_TIMEOUT / 2;
+        st.block_arrived(slow, slow_blocks[0], &vec![0; BLOCK_SIZE as usize], late);
+        st.expire_requests(t0 + STALL_TIMEOUT / 2);
+        assert!(!silent_cancel.is_cancelled(), "not yet");
+        st.expire_requests(t0 + STALL_TIMEOUT);
+        assert!(silent_cancel.is_cancelled(), "the silent peer is dropped");
+        assert!(!slow_cancel.is_cancelled(), "the slow one is kept");
     }
 
     #[test]
