@@ -175,8 +175,9 @@ fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
     assert!(got == content, "downloaded bytes equal the original");
 }
 
-/// A peer that floods us with requests while choked and never reads our answers made us queue
-/// rejects without bound. Now the send queue is bounded and such a peer is dropped.
+/// A peer that floods us with requests and never reads our answers made us queue answers
+/// without bound. Now the send queue is bounded and such a peer is dropped. (It is unchoked:
+/// a flood of requests we cannot serve ends sooner, at `MAX_REFUSED_REQUESTS`.)
 #[test]
 fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +192,11 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     let mut p = Scripted::new(sock);
     let hs = Handshake::new(meta.info_hash.0, [b'f'; 20]); // fast bit set: we get rejects
     p.sock.write_all(&hs.encode()).unwrap();
-    // Never interested, so always choked: every request is answered with a reject.
+    let mut got = [0u8; HANDSHAKE_LEN];
+    p.sock.read_exact(&mut got).unwrap();
+    p.send(&Message::Interested);
+    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
+    // Blocks up to the upload bound, then rejects: all queued, since we never read.
     let mut burst = BytesMut::new();
     for i in 0..1_000_000u32 {
         let r = BlockRequest {
@@ -218,13 +223,7 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
 
 /// Peak resident memory of a process, in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
+    proc_status_kib(pid, "VmHWM:") * 1024
 }
 
 /// A peer that never reads asked for 16 KiB blocks to stall our writer, then for one byte of

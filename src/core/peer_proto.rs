@@ -91,6 +91,10 @@ const MAX_RTT: Duration = Duration::from_secs(5);
 pub const MAX_CANCELLED: usize = 4 * MAX_QUEUE;
 /// Allowed-fast pieces remembered per peer.
 const MAX_ALLOWED_FAST: usize = 64;
+/// Requests in a row we could not serve (choked, or a piece we do not hold) past which the peer
+/// is flooding us, not downloading: a fast peer choked with a full pipeline has a few hundred
+/// in flight at most.
+pub const MAX_REFUSED_REQUESTS: u32 = 1_000;
 
 /// What the connection was set up with.
 #[derive(Debug, Clone)]
@@ -215,6 +219,8 @@ pub enum Action {
 
 pub struct PeerProto {
     cfg: PeerConfig,
+    /// Requests refused in a row (see `MAX_REFUSED_REQUESTS`).
+    refused_requests: u32,
     am_choking: bool,
     am_interested: bool,
     peer_choking: bool,
@@ -263,6 +269,7 @@ impl PeerProto {
     pub fn new(cfg: PeerConfig, ours: Bitfield, now: Instant) -> PeerProto {
         let n = cfg.lengths.piece_count();
         let mut p = PeerProto {
+            refused_requests: 0,
             am_choking: true,
             am_interested: false,
             peer_choking: true,
@@ -847,11 +854,19 @@ impl PeerProto {
             return Err(violation("request outside the torrent"));
         }
         if self.am_choking || !self.ours.get(r.piece) {
+            self.refused_requests += 1;
+            if self.refused_requests > MAX_REFUSED_REQUESTS {
+                return Err(violation(format!(
+                    "{} requests in a row that we could not serve",
+                    self.refused_requests
+                )));
+            }
             if self.cfg.fast {
                 self.send(Message::Reject(r), now);
             }
             return Ok(());
         }
+        self.refused_requests = 0;
         self.actions.push_back(Action::Upload(r));
         Ok(())
     }
@@ -1317,6 +1332,32 @@ mod tests {
         let mut plain = Harness::new(false, "........");
         plain.cmd(Command::Unchoke);
         assert_eq!(plain.msg(Message::Request(r)), vec![]);
+    }
+
+    #[test]
+    fn a_flood_of_requests_we_cannot_serve_is_a_violation() {
+        let mut h = Harness::new(true, "####....");
+        let unserved = request_of(block(5, 0));
+        for _ in 0..MAX_REFUSED_REQUESTS {
+            assert_eq!(
+                h.msg(Message::Request(unserved)),
+                vec![Action::Send(Message::Reject(unserved))]
+            );
+        }
+        // One served request in between starts the count again.
+        h.cmd(Command::Unchoke);
+        let served = request_of(block(1, 0));
+        assert_eq!(
+            h.msg(Message::Request(served)),
+            vec![Action::Upload(served)]
+        );
+        for _ in 0..MAX_REFUSED_REQUESTS {
+            h.msg(Message::Request(unserved));
+        }
+        assert!(matches!(
+            h.msg(Message::Request(unserved))[..],
+            [Action::Close(CloseReason::Violation(_))]
+        ));
     }
 
     #[test]
