@@ -176,8 +176,9 @@ fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
 }
 
 /// A peer that floods us with requests and never reads our answers made us queue answers
-/// without bound. Now the send queue is bounded and such a peer is dropped. (It is unchoked:
-/// a flood of requests we cannot serve ends sooner, at `MAX_REFUSED_REQUESTS`.)
+/// without bound. Now such a peer is dropped: past twice the `reqq` we announce in queued
+/// blocks, with the send queue's byte bound behind that. (It is unchoked: a flood of requests
+/// we cannot serve ends at `MAX_REFUSED_REQUESTS`.)
 #[test]
 fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     let dir = tempfile::tempdir().unwrap();

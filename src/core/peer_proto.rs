@@ -64,6 +64,8 @@ pub const INITIAL_QUEUE: usize = 16;
 /// clients accept from one peer (libtorrent: 500 by default; our own upload queue: 16 MiB).
 pub const MIN_QUEUE: usize = 4;
 pub const MAX_QUEUE: usize = 512;
+/// The `reqq` of our extension handshake: requests a peer may have outstanding with us.
+pub const ANNOUNCED_REQUEST_QUEUE: usize = 2 * MAX_QUEUE;
 /// Time of the path's rate added to the round trip in the queue target: covers jitter in the
 /// peer's and the engine's own latency. It is about what a read's blocks wait behind at the
 /// peer, so it is kept short.
@@ -326,7 +328,7 @@ impl PeerProto {
                     .collect(),
                 client: Some(self.cfg.client.clone()),
                 listen_port: Some(self.cfg.listen_port),
-                request_queue: Some(MAX_QUEUE as u32 * 2),
+                request_queue: Some(ANNOUNCED_REQUEST_QUEUE as u32),
                 metadata_size: self.cfg.metadata_size,
             };
             let payload = Bytes::from(hs.encode());
@@ -1064,7 +1066,7 @@ mod tests {
         };
         let hs = ExtendedHandshake::decode(&payload).unwrap();
         assert_eq!(hs.extensions, vec![("ut_metadata".to_string(), 1)]);
-        assert_eq!(hs.request_queue, Some(MAX_QUEUE as u32 * 2));
+        assert_eq!(hs.request_queue, Some(ANNOUNCED_REQUEST_QUEUE as u32));
     }
 
     #[test]

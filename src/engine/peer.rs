@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::layout::Lengths;
 use crate::core::metadata::{self, MetadataMessage};
-use crate::core::peer_proto::{Action, CloseReason, Command, Input, PeerConfig, PeerProto};
+use crate::core::peer_proto::{
+    Action, CloseReason, Command, Input, PeerConfig, PeerProto, ANNOUNCED_REQUEST_QUEUE,
+};
 use crate::core::pex::{self, PexMessage, PexSent};
 use crate::core::picker::PeerKey;
 use crate::core::wire::{BlockRequest, Handshake, Message};
@@ -29,6 +31,9 @@ use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 
 /// Upload memory queued for one peer (whole pieces) beyond which its requests are rejected.
 const MAX_UPLOAD_QUEUE: usize = 16 << 20;
+/// Blocks queued for one peer (requests accepted, not yet sent) beyond which it is dropped as
+/// a flood: twice the `reqq` our extension handshake announces, which honest peers respect.
+const MAX_QUEUED_BLOCKS: usize = 2 * ANNOUNCED_REQUEST_QUEUE;
 /// Bytes queued for one peer beyond which it is dropped: it is not reading.
 const MAX_SEND_QUEUE: usize = MAX_UPLOAD_QUEUE + (1 << 20);
 /// How long a closing connection may take to send what it has queued.
@@ -180,6 +185,7 @@ fn now() -> std::time::Instant {
 struct SendQueue {
     lengths: Lengths,
     bytes: AtomicUsize,
+    blocks: AtomicUsize,
     /// Queued blocks by piece.
     pinned: Mutex<HashMap<u32, u32>>,
 }
@@ -191,6 +197,7 @@ impl SendQueue {
         SendQueue {
             lengths,
             bytes: AtomicUsize::new(0),
+            blocks: AtomicUsize::new(0),
             pinned: Mutex::new(HashMap::new()),
         }
     }
@@ -224,6 +231,7 @@ impl SendQueue {
     fn add(&self, item: &Outgoing) -> (usize, usize) {
         let size = match item {
             Outgoing::Block { piece, .. } => {
+                self.blocks.fetch_add(1, Ordering::Relaxed);
                 let mut pinned = self.pinned();
                 let n = pinned.entry(*piece).or_insert(0);
                 *n += 1;
@@ -238,6 +246,7 @@ impl SendQueue {
     fn remove(&self, item: &Outgoing) {
         let size = match item {
             Outgoing::Block { piece, .. } => {
+                self.blocks.fetch_sub(1, Ordering::Relaxed);
                 let mut pinned = self.pinned();
                 let last = match pinned.get_mut(piece) {
                     Some(n) if *n > 1 => {
@@ -532,6 +541,12 @@ impl Conn {
 
     /// Serves a request the state machine accepted, from the cache or the disk.
     async fn upload(&mut self, r: BlockRequest) -> Result<(), PeerError> {
+        let blocks = self.queued.blocks.load(Ordering::Relaxed);
+        if blocks >= MAX_QUEUED_BLOCKS {
+            return Err(PeerError::Violation(format!(
+                "{blocks} requests queued, past the {ANNOUNCED_REQUEST_QUEUE} we accept"
+            )));
+        }
         // One piece may always be queued, even one larger than the bound.
         let (cost, nothing_pinned) = self.queued.block_cost(r.piece);
         let data = if self.queued.bytes() + cost > MAX_UPLOAD_QUEUE && !nothing_pinned {

@@ -675,7 +675,8 @@ impl State {
     }
 
     /// Requests outstanding too long go back to the pool; their peers hear of it. Peers that
-    /// have sent nothing for `STALL_TIMEOUT` while holding requests are dropped.
+    /// have sent nothing for `STALL_TIMEOUT` while holding requests are dropped (also when
+    /// other peers beat them to those blocks: a peer that never delivers is no use).
     pub fn expire_requests(&mut self, now: Instant) {
         for (k, p) in &self.peers {
             let stalled = p
@@ -748,13 +749,8 @@ impl State {
             *sender = self.peers.get(&key).map(|p| p.addr.ip());
         }
         for k in cancel {
-            let idle = self.picker.in_flight(k) == 0;
-            if let Some(p) = self.peers.get_mut(&k) {
+            if let Some(p) = self.peers.get(&k) {
                 let _ = p.tx.send(Command::Cancel(block));
-                // Beaten to every block it held: not its fault.
-                if idle {
-                    p.stalled_since = None;
-                }
             }
         }
         let done = if piece_complete {
