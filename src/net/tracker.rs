@@ -20,8 +20,8 @@ use crate::core::tracker_proto::{
 };
 use crate::net::udp_tracker::{UdpSchedule, UdpTrackerClient};
 
-/// Whole-request timeout for one tracker exchange.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Whole-request timeout for one HTTP tracker exchange (the default of `AnnouncerConfig`).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest tracker response body we read; real ones are a few KiB.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -48,11 +48,17 @@ impl TrackerClient {
         Self::with_udp_schedule(UdpSchedule::default())
     }
 
-    /// A client whose UDP exchanges follow `udp` (HTTP requests keep their fixed timeouts).
+    /// A client whose UDP exchanges follow `udp` (HTTP requests get `HTTP_TIMEOUT`).
     pub fn with_udp_schedule(udp: UdpSchedule) -> Self {
+        Self::with_timeouts(HTTP_TIMEOUT, udp)
+    }
+
+    /// A client whose HTTP exchanges (connect, redirects, whole body) end within
+    /// `http_timeout` and whose UDP exchanges follow `udp`.
+    pub fn with_timeouts(http_timeout: Duration, udp: UdpSchedule) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(http_timeout)
+            .connect_timeout(CONNECT_TIMEOUT.min(http_timeout))
             .user_agent(concat!("swarmfs/", env!("CARGO_PKG_VERSION")))
             // No keep-alive pool: announces are minutes apart, and some trackers (opentracker)
             // close the connection after each answer without saying so, which breaks reuse.
@@ -163,6 +169,9 @@ pub struct AnnouncerConfig {
     pub numwant: u32,
     /// Time allowed for each `stopped` announce (and for an announce in flight when stopping).
     pub stop_timeout: Duration,
+    /// Time allowed for one HTTP announce, body included (a tracker that trickles or never
+    /// ends its answer fails then, and the next tracker is tried).
+    pub http_timeout: Duration,
     /// How a UDP tracker is retried within one announce round: BEP 15's base (15 s), but only a
     /// couple of sends, so a silent UDP tracker does not hold up its tier for the spec's two
     /// hours; the round moves on to the next tracker and the whole round is retried later.
@@ -179,6 +188,7 @@ impl Default for AnnouncerConfig {
             default_min_interval: Duration::from_secs(30),
             numwant: 50,
             stop_timeout: Duration::from_secs(2),
+            http_timeout: HTTP_TIMEOUT,
             udp: UdpSchedule {
                 retry_base: crate::core::udp_tracker::SPEC_RETRY_BASE,
                 attempts: 2,
@@ -240,7 +250,7 @@ impl Announcer {
             })
             .collect();
         let task = AnnounceTask {
-            client: TrackerClient::with_udp_schedule(config.udp),
+            client: TrackerClient::with_timeouts(config.http_timeout, config.udp),
             tiers,
             peer,
             totals,
