@@ -43,7 +43,7 @@ fn reads_outlive_a_dying_seeder_and_wait_for_one_to_return() {
     let t = tmp.path().join("churn.torrent");
     create_torrent(&src.join("churn.bin"), &t, &["--piece-length", "256KiB"]);
     let caps = ["--upload-rate", "2MiB"];
-    let (mut doomed, a) = seeder(&src, &t, &tmp.path().join("seed-a.log"), &caps);
+    let (doomed, a) = seeder(&src, &t, &tmp.path().join("seed-a.log"), &caps);
     let (mut other, b) = seeder(&src, &t, &tmp.path().join("seed-b.log"), &caps);
     let mnt = tmp.path().join("mnt");
     let m = Mount::start(
