@@ -45,6 +45,9 @@ const MAX_HALF_OPEN: usize = 8;
 /// A peer that has been neither interested in us nor sent us a block for this long is idle: its
 /// slot goes to a newcomer when all are taken (so idle connections cannot lock peers out).
 const IDLE_AFTER: Duration = Duration::from_secs(5);
+/// Connections one address (IP) may hold in one torrent: a household behind one NAT, not a
+/// flood from one host.
+const MAX_PEERS_PER_IP: usize = 8;
 /// The share of `max_peers` only our own outgoing connections may take (one in five).
 const OUTGOING_RESERVE_DIVISOR: usize = 5;
 /// Bounds on what a long session remembers about peers it no longer talks to.
@@ -374,14 +377,19 @@ impl State {
 
     /// Whether a newcomer finds a slot, freeing an idle peer's if need be. Incoming
     /// connections may not take the slots kept for our own outgoing ones.
-    fn make_room(&mut self, outgoing: bool, now: Instant) -> bool {
+    /// One address may hold at most `MAX_PEERS_PER_IP` slots; a newcomer from an address at
+    /// that bound may only replace an idle peer of the same address.
+    fn make_room(&mut self, addr: IpAddr, outgoing: bool, now: Instant) -> bool {
         let reserve = self.cfg.max_peers / OUTGOING_RESERVE_DIVISOR;
-        let full = if outgoing {
-            self.slots_taken(false) >= self.cfg.max_peers
-        } else {
-            self.slots_taken(false) >= self.cfg.max_peers
-                || self.slots_taken(true) >= self.cfg.max_peers - reserve
-        };
+        let from_addr = self
+            .peers
+            .values()
+            .filter(|p| !p.evicted && p.addr.ip() == addr)
+            .count();
+        let addr_full = from_addr >= MAX_PEERS_PER_IP;
+        let full = addr_full
+            || self.slots_taken(false) >= self.cfg.max_peers
+            || (!outgoing && self.slots_taken(true) >= self.cfg.max_peers - reserve);
         if !full {
             return true;
         }
@@ -390,6 +398,7 @@ impl State {
             .peers
             .iter()
             .filter(|(_, p)| !p.evicted && (outgoing || p.is_incoming()))
+            .filter(|(_, p)| !addr_full || p.addr.ip() == addr)
             .filter(|(_, p)| {
                 !p.peer_interested && now.saturating_duration_since(p.useful_at) >= IDLE_AFTER
             })
@@ -422,7 +431,7 @@ impl State {
             || self.banned_at(addr.ip(), now)
             || self.banned_ids.contains(&peer_id)
             || self.peers.values().any(|p| p.peer_id == peer_id)
-            || !self.make_room(outgoing, now)
+            || !self.make_room(addr.ip(), outgoing, now)
         {
             return None;
         }
@@ -1483,6 +1492,44 @@ mod tests {
             join_at(&mut st, 30, true, later).is_some(),
             "the slots kept for outgoing connections are free"
         );
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_slots() {
+        let mut st = state(4, 4, "####");
+        st.cfg.max_peers = 50;
+        let t0 = Instant::now();
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 5], port));
+        let mut held = Vec::new();
+        for i in 0..MAX_PEERS_PER_IP as u8 + 1 {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let cancel = CancellationToken::new();
+            let id = [40 + i; 20];
+            let joined = st.peer_joined(addr(7000 + i as u16), false, id, tx, cancel.clone(), t0);
+            held.push((joined.is_some(), cancel));
+        }
+        let let_in = held.iter().filter(|(ok, _)| *ok).count();
+        assert_eq!(
+            let_in, MAX_PEERS_PER_IP,
+            "the one past the bound is refused"
+        );
+        assert!(
+            join_at(&mut st, 9, false, t0).is_some(),
+            "other addresses join"
+        );
+        // Once its peers are idle, a newcomer from that address replaces one of them.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let later = t0 + IDLE_AFTER;
+        let again = st.peer_joined(
+            addr(8000),
+            false,
+            [60; 20],
+            tx,
+            CancellationToken::new(),
+            later,
+        );
+        assert!(again.is_some());
+        assert_eq!(held.iter().filter(|(_, c)| c.is_cancelled()).count(), 1);
     }
 
     #[test]
