@@ -42,7 +42,9 @@ export XDG_STATE_HOME
 # Every test has its own watchdogs; this bound turns anything they miss into a failure that
 # prints what ran, instead of a silent CI time-out (the suite takes ~10 minutes here).
 SUITE_BOUND=${SUITE_BOUND:-45m}
-run_suite() { timeout --kill-after=60 "$SUITE_BOUND" cargo test --offline -- --test-threads=2 "$@"; }
+# A soft limit of 256 open files, as on small systems: every mount, seeder and test must live
+# within it (tests that open hundreds of sockets themselves raise their own).
+run_suite() { ulimit -Sn 256; timeout --kill-after=60 "$SUITE_BOUND" cargo test --offline -- --test-threads=2 "$@"; }
 
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   # A private network namespace with only loopback (the same few lines as shared/tools/netns-run).
