@@ -222,6 +222,60 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     }
 }
 
+/// We ask a throttled seeder for 32 blocks (8 s of its upload), then cancel them all. Blocks
+/// still queued are not sent: each of those requests gets its one answer as a reject (BEP 6),
+/// and the few already on their way arrive. (The seeder used to ignore cancels and send all.)
+#[test]
+fn a_seeder_drops_cancelled_blocks_it_has_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, meta) = make_torrent(dir.path(), 1 << 20, "256KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &["--upload-rate", "64KiB"],
+    );
+    let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
+    p.sock
+        .write_all(&Handshake::new(meta.info_hash.0, [b'c'; 20]).encode())
+        .unwrap();
+    let mut got = [0u8; HANDSHAKE_LEN];
+    p.sock.read_exact(&mut got).unwrap();
+    p.send(&Message::Interested);
+    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
+    let requests: Vec<BlockRequest> = (0..32u32)
+        .map(|i| BlockRequest {
+            piece: i / 16,
+            offset: (i % 16) * 16 * 1024,
+            length: 16 * 1024,
+        })
+        .collect();
+    let mut burst = BytesMut::new();
+    for r in &requests {
+        wire::encode(&Message::Request(*r), &mut burst);
+    }
+    for r in &requests {
+        wire::encode(&Message::Cancel(*r), &mut burst);
+    }
+    p.sock.write_all(&burst).unwrap();
+    let (mut pieces, mut rejects) = (0, 0);
+    while pieces + rejects < requests.len() {
+        match p.recv().expect("the seeder closed the connection") {
+            Message::Piece { .. } => pieces += 1,
+            Message::Reject(r) => {
+                assert!(requests.contains(&r), "a reject of {r:?}, never asked for");
+                rejects += 1;
+            }
+            _ => {}
+        }
+    }
+    eprintln!("{pieces} blocks sent, {rejects} cancelled");
+    assert!(
+        rejects >= 16,
+        "only {rejects} of 32 cancelled requests were dropped ({pieces} blocks sent)"
+    );
+}
+
 /// Peak resident memory of a process, in bytes.
 fn peak_rss(pid: u32) -> u64 {
     proc_status_kib(pid, "VmHWM:") * 1024

@@ -176,6 +176,8 @@ pub enum Action {
     Send(Message),
     /// Serve this block of a verified piece (or answer `Command::UploadUnavailable`).
     Upload(BlockRequest),
+    /// The peer cancelled this request: drop it if it is still queued (BEP 3).
+    CancelUpload(BlockRequest),
     /// The peer announced one more piece.
     PeerHas(PieceIndex),
     /// The peer's first statement of what it has (a bitfield or have-all).
@@ -757,9 +759,7 @@ impl PeerProto {
                 self.actions.push_back(Action::BlockArrived { block, data });
                 self.fill();
             }
-            Message::Cancel(_) => {
-                // Blocks already queued go out anyway; cheap, and the peer ignores extras.
-            }
+            Message::Cancel(r) => self.actions.push_back(Action::CancelUpload(r)),
             Message::Reject(r) => {
                 if !self.cfg.fast {
                     return Err(violation("reject without the fast bit"));

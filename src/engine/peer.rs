@@ -95,9 +95,10 @@ pub async fn run(
     let ours_hs = Handshake::new(t.info_hash.0, t.peer_id);
     // BEP 27: a private torrent's peers come from its trackers only.
     let pex_enabled = !t.meta.info.private;
+    let fast = theirs.supports_fast() && ours_hs.supports_fast();
     let cfg = PeerConfig {
         lengths: t.lengths,
-        fast: theirs.supports_fast() && ours_hs.supports_fast(),
+        fast,
         extensions: theirs.supports_extensions() && ours_hs.supports_extensions(),
         listen_port: t.listen_port,
         client: format!("swarmfs {}", env!("CARGO_PKG_VERSION")),
@@ -138,6 +139,7 @@ pub async fn run(
         },
         queued,
         uploaded,
+        fast,
         writer_gone.clone(),
     )));
     let result = conn.run(reader, cmd_rx, &cancel, &writer_gone).await;
@@ -182,12 +184,30 @@ fn now() -> std::time::Instant {
 /// bytes on the wire). A block is a slice of its whole piece, not a copy, so while any block of a
 /// piece waits the whole piece stays in memory: it counts once, in full. Counting requested bytes
 /// instead let a peer that asks for one byte of every piece and never reads pin the torrent.
+///
+/// It also knows which blocks are queued, so a cancel (BEP 3) drops a block not yet sent: the
+/// peer wants something else sooner.
 struct SendQueue {
     lengths: Lengths,
     bytes: AtomicUsize,
     blocks: AtomicUsize,
+    queued: Mutex<QueuedBlocks>,
+}
+
+#[derive(Default)]
+struct QueuedBlocks {
     /// Queued blocks by piece.
-    pinned: Mutex<HashMap<u32, u32>>,
+    by_piece: HashMap<u32, u32>,
+    /// Queued copies of each request, and how many of those the peer cancelled.
+    requests: HashMap<BlockRequest, (u32, u32)>,
+}
+
+fn request_of(piece: u32, offset: u32, data: &bytes::Bytes) -> BlockRequest {
+    BlockRequest {
+        piece,
+        offset,
+        length: data.len() as u32,
+    }
 }
 
 impl SendQueue {
@@ -198,12 +218,34 @@ impl SendQueue {
             lengths,
             bytes: AtomicUsize::new(0),
             blocks: AtomicUsize::new(0),
-            pinned: Mutex::new(HashMap::new()),
+            queued: Mutex::new(QueuedBlocks::default()),
         }
     }
 
-    fn pinned(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
-        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    fn queued(&self) -> std::sync::MutexGuard<'_, QueuedBlocks> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer cancelled `r`: a queued copy of it is not sent. Returns whether one was queued.
+    fn cancel(&self, r: &BlockRequest) -> bool {
+        match self.queued().requests.get_mut(r) {
+            Some((copies, cancelled)) if *cancelled < *copies => {
+                *cancelled += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the writer should skip this block (it was cancelled); consumes the cancel.
+    fn take_cancelled(&self, r: &BlockRequest) -> bool {
+        match self.queued().requests.get_mut(r) {
+            Some((_, cancelled)) if *cancelled > 0 => {
+                *cancelled -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn bytes(&self) -> usize {
@@ -219,21 +261,30 @@ impl SendQueue {
     /// The memory queueing a block of `piece` would add (its piece, unless already pinned),
     /// and whether nothing is pinned yet.
     fn block_cost(&self, piece: u32) -> (usize, bool) {
-        let pinned = self.pinned();
-        let piece_bytes = match pinned.contains_key(&piece) {
+        let queued = self.queued();
+        let piece_bytes = match queued.by_piece.contains_key(&piece) {
             true => 0,
             false => self.piece_len(piece),
         };
-        (Self::ENTRY + piece_bytes, pinned.is_empty())
+        (Self::ENTRY + piece_bytes, queued.by_piece.is_empty())
     }
 
     /// Counts an item being queued; returns the bytes queued before it and its own.
     fn add(&self, item: &Outgoing) -> (usize, usize) {
         let size = match item {
-            Outgoing::Block { piece, .. } => {
+            Outgoing::Block {
+                piece,
+                offset,
+                data,
+            } => {
                 self.blocks.fetch_add(1, Ordering::Relaxed);
-                let mut pinned = self.pinned();
-                let n = pinned.entry(*piece).or_insert(0);
+                let mut queued = self.queued();
+                queued
+                    .requests
+                    .entry(request_of(*piece, *offset, data))
+                    .or_insert((0, 0))
+                    .0 += 1;
+                let n = queued.by_piece.entry(*piece).or_insert(0);
                 *n += 1;
                 Self::ENTRY + if *n == 1 { self.piece_len(*piece) } else { 0 }
             }
@@ -245,15 +296,27 @@ impl SendQueue {
     /// Uncounts an item the writer has written.
     fn remove(&self, item: &Outgoing) {
         let size = match item {
-            Outgoing::Block { piece, .. } => {
+            Outgoing::Block {
+                piece,
+                offset,
+                data,
+            } => {
                 self.blocks.fetch_sub(1, Ordering::Relaxed);
-                let mut pinned = self.pinned();
-                let last = match pinned.get_mut(piece) {
+                let mut queued = self.queued();
+                let r = request_of(*piece, *offset, data);
+                if let Some((copies, cancelled)) = queued.requests.get_mut(&r) {
+                    *copies -= 1;
+                    *cancelled = (*cancelled).min(*copies);
+                    if *copies == 0 {
+                        queued.requests.remove(&r);
+                    }
+                }
+                let last = match queued.by_piece.get_mut(piece) {
                     Some(n) if *n > 1 => {
                         *n -= 1;
                         false
                     }
-                    Some(_) => pinned.remove(piece).is_some(),
+                    Some(_) => queued.by_piece.remove(piece).is_some(),
                     None => false,
                 };
                 Self::ENTRY + if last { self.piece_len(*piece) } else { 0 }
@@ -318,6 +381,7 @@ async fn write_loop(
     mut rx: Queues,
     queued: Arc<SendQueue>,
     uploaded: Arc<AtomicU64>,
+    fast: bool,
     gone: CancellationToken,
 ) -> Result<(), PeerIoError> {
     let _gone = gone.drop_guard();
@@ -325,7 +389,22 @@ async fn write_loop(
         let mut next = Some(item);
         let mut sent = 0u64;
         while let Some(item) = next.take() {
-            if let Outgoing::Block { data, .. } = &item {
+            if let Outgoing::Block {
+                piece,
+                offset,
+                data,
+            } = &item
+            {
+                let r = request_of(*piece, *offset, data);
+                if queued.take_cancelled(&r) {
+                    // Cancelled while queued: not sent. A fast peer gets its one answer (BEP 6).
+                    queued.remove(&item);
+                    if fast {
+                        writer.write(&Outgoing::Message(Message::Reject(r))).await?;
+                    }
+                    next = rx.try_recv();
+                    continue;
+                }
                 if let Some(l) = &t.upload_limit {
                     l.acquire(data.len()).await;
                 }
@@ -422,6 +501,9 @@ impl Conn {
             match action {
                 Action::Send(m) => self.send(Outgoing::Message(m))?,
                 Action::Upload(r) => self.upload(r).await?,
+                Action::CancelUpload(r) => {
+                    self.queued.cancel(&r);
+                }
                 Action::PeerHas(p) => self.t.lock().peer_has(p),
                 Action::PeerBitfield(bf) => self.t.lock().peer_bitfield(&bf),
                 Action::PeerIsSeed => self.t.lock().peer_is_seed(key),
@@ -589,5 +671,60 @@ fn client_name(peer_id: &[u8; 20]) -> String {
         String::from_utf8_lossy(&peer_id[1..7]).into_owned()
     } else {
         "unknown client".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(piece: u32, offset: u32) -> Outgoing {
+        Outgoing::Block {
+            piece,
+            offset,
+            data: bytes::Bytes::from(vec![0u8; 16 * 1024]),
+        }
+    }
+
+    fn request(piece: u32, offset: u32) -> BlockRequest {
+        BlockRequest {
+            piece,
+            offset,
+            length: 16 * 1024,
+        }
+    }
+
+    #[test]
+    fn a_cancel_drops_one_queued_copy_and_nothing_else() {
+        let lengths = Lengths::new(4 << 20, 1 << 20, 4).unwrap();
+        let q = SendQueue::new(lengths);
+        let (a, b) = (block(0, 0), block(0, 16 * 1024));
+        q.add(&a);
+        q.add(&a); // asked twice
+        q.add(&b);
+        assert_eq!(
+            q.bytes(),
+            3 * SendQueue::ENTRY + (1 << 20),
+            "one piece pinned"
+        );
+        assert!(!q.cancel(&request(1, 0)), "not queued: nothing to cancel");
+        assert!(q.cancel(&request(0, 0)));
+        assert!(q.cancel(&request(0, 0)));
+        assert!(!q.cancel(&request(0, 0)), "only as many cancels as copies");
+        // The writer meets the copies: both skipped, then the other block is sent.
+        assert!(q.take_cancelled(&request(0, 0)));
+        q.remove(&a);
+        assert!(q.take_cancelled(&request(0, 0)));
+        q.remove(&a);
+        assert!(!q.take_cancelled(&request(0, 16 * 1024)));
+        q.remove(&b);
+        assert_eq!(q.bytes(), 0);
+        // A cancel after the block went out is not kept for a later request of it.
+        q.add(&a);
+        assert!(!q.take_cancelled(&request(0, 0)));
+        q.remove(&a);
+        assert!(!q.cancel(&request(0, 0)));
+        q.add(&a);
+        assert!(!q.take_cancelled(&request(0, 0)), "a new request is served");
     }
 }
