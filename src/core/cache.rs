@@ -21,6 +21,9 @@ pub struct PieceCache {
     /// Sum of the lengths of the cached pieces.
     used: u64,
     budget: u64,
+    /// Piece memory held outside the cache that counts against its budget (pieces being
+    /// downloaded or hashed): the budget bounds all piece data, not only the verified pieces.
+    reserved: u64,
     /// The piece of the latest insert, exempt from eviction until the next insert.
     newest: Option<u32>,
 }
@@ -32,6 +35,7 @@ impl PieceCache {
             pins: HashMap::new(),
             used: 0,
             budget,
+            reserved: 0,
             newest: None,
         }
     }
@@ -116,7 +120,23 @@ impl PieceCache {
     /// Whether a piece of `len` bytes fits without evicting anything (the engine fetches in the
     /// background only while this holds).
     pub fn has_room(&self, len: u64) -> bool {
-        self.used.saturating_add(len) <= self.budget
+        self.used.saturating_add(len) <= self.room()
+    }
+
+    /// What the cached pieces may take: the budget less what is reserved outside it.
+    fn room(&self) -> u64 {
+        self.budget.saturating_sub(self.reserved)
+    }
+
+    /// Sets the piece memory held outside the cache (see `reserved`); a larger reservation
+    /// evicts at once. Returns the evicted piece indices.
+    pub fn set_reserved(&mut self, bytes: u64) -> Vec<u32> {
+        let grew = bytes > self.reserved;
+        self.reserved = bytes;
+        match grew {
+            true => self.evict_to_budget(),
+            false => Vec::new(),
+        }
     }
 
     /// Drops a piece (pins on it stay); returns whether it was cached.
@@ -140,7 +160,7 @@ impl PieceCache {
         let mut freed = 0u64;
         // `iter()` runs most recently used first; reversed, it starts at the eviction end.
         for (&piece, data) in self.entries.iter().rev() {
-            if self.used - freed <= self.budget {
+            if self.used - freed <= self.room() {
                 break;
             }
             if Some(piece) == self.newest || self.pins.contains_key(&piece) {
@@ -163,6 +183,25 @@ mod tests {
 
     fn piece(len: usize, fill: u8) -> Bytes {
         Bytes::from(vec![fill; len])
+    }
+
+    #[test]
+    fn memory_reserved_outside_the_cache_counts_against_its_budget() {
+        let mut c = PieceCache::new(300);
+        c.insert(0, piece(100, 0));
+        c.insert(1, piece(100, 1));
+        c.insert(2, piece(100, 2));
+        assert_eq!(
+            c.set_reserved(150),
+            vec![0, 1],
+            "down to 150 of cached pieces"
+        );
+        assert!(!c.has_room(100));
+        assert!(
+            c.set_reserved(0).is_empty(),
+            "a smaller reservation evicts nothing"
+        );
+        assert!(c.has_room(100));
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub(crate) struct State {
     cache: PieceCache,
     /// Pieces being downloaded (and who sent each block), until they are hashed.
     partial: HashMap<u32, ReceivedPiece>,
+    /// Bytes of complete pieces being hashed (they count against the cache budget, as do the
+    /// partial ones).
+    hashing_bytes: u64,
     peers: HashMap<PeerKey, PeerEntry>,
     choker: Choker,
     next_peer_key: PeerKey,
@@ -204,6 +207,7 @@ impl State {
             picker,
             cache: PieceCache::new(cfg.cache_size),
             partial: HashMap::new(),
+            hashing_bytes: 0,
             peers: HashMap::new(),
             choker: Choker::new(ChokerConfig::default(), cfg.seed ^ 0x5eed),
             next_peer_key: 1,
@@ -743,13 +747,16 @@ impl State {
             return BlockArrival::Unwanted;
         };
         let plen = self.cfg.lengths.piece_len(piece) as usize;
-        let received = self
-            .partial
-            .entry(block.piece)
-            .or_insert_with(|| ReceivedPiece {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.partial.entry(block.piece) {
+            e.insert(ReceivedPiece {
                 data: vec![0u8; plen],
                 senders: vec![None; plen.div_ceil(BLOCK_SIZE as usize)],
             });
+            self.reserve_piece_memory();
+        }
+        let Some(received) = self.partial.get_mut(&block.piece) else {
+            return BlockArrival::Unwanted;
+        };
         let start = block.offset as usize;
         if let Some(dst) = received.data.get_mut(start..start + data.len()) {
             dst.copy_from_slice(data);
@@ -764,7 +771,10 @@ impl State {
         }
         let done = if piece_complete {
             match self.partial.remove(&block.piece) {
-                Some(buf) => BlockArrival::PieceComplete(piece, buf),
+                Some(buf) => {
+                    self.hashing_bytes += buf.data.len() as u64;
+                    BlockArrival::PieceComplete(piece, buf)
+                }
                 None => BlockArrival::Accepted,
             }
         } else {
@@ -781,6 +791,8 @@ impl State {
     pub fn piece_verified(&mut self, piece: PieceIndex, data: Bytes, on_disk: bool) -> Vec<Banned> {
         let guilty = self.blame.piece_verified(piece.get(), &data);
         let banned = self.ban(guilty);
+        self.hashing_bytes = self.hashing_bytes.saturating_sub(data.len() as u64);
+        self.reserve_piece_memory();
         self.picker.piece_verified(piece);
         if on_disk {
             self.on_disk.set(piece.get(), true);
@@ -802,6 +814,8 @@ impl State {
         failed: ReceivedPiece,
     ) -> (usize, Vec<Banned>) {
         let contributors = self.picker.piece_failed(piece);
+        self.hashing_bytes = self.hashing_bytes.saturating_sub(failed.data.len() as u64);
+        self.reserve_piece_memory();
         let guilty = self.blame.piece_failed(piece.get(), failed);
         let banned = self.ban(guilty);
         self.wake_peers();
@@ -877,6 +891,14 @@ impl State {
     }
 
     /// Pieces evicted from the cache that are not on disk are no longer held.
+    /// Pieces being downloaded or hashed take their room from the cache, so the budget bounds
+    /// all piece data held.
+    fn reserve_piece_memory(&mut self) {
+        let partial: u64 = self.partial.values().map(|p| p.data.len() as u64).sum();
+        let evicted = self.cache.set_reserved(partial + self.hashing_bytes);
+        self.evicted(&evicted);
+    }
+
     fn evicted(&mut self, evicted: &[u32]) {
         for &e in evicted {
             if self.on_disk.get(e) {
@@ -1238,6 +1260,35 @@ mod tests {
             }
         }
         st.piece_verified(p, Bytes::from(buf.unwrap().data), false);
+    }
+
+    #[test]
+    fn pieces_being_downloaded_take_their_room_from_the_cache() {
+        let mut st = state(4, 2, "....");
+        let (k, _rx) = join(&mut st, 2);
+        let p: Vec<PieceIndex> = (0..4).map(|i| st.cfg.lengths.piece(i).unwrap()).collect();
+        for i in 0..2 {
+            st.read_wants(None, 0, PIECE as u64, &p[i..i + 1], Instant::now());
+            fetch(&mut st, k, i as u32);
+            st.read_done(&p[i..i + 1]);
+        }
+        assert_eq!(st.have().count_ones(), 2, "the cache holds its two pieces");
+        // One block of piece 2 arrives: its buffer is a piece's worth of memory.
+        st.read_wants(None, 0, PIECE as u64, &p[2..3], Instant::now());
+        let mut bf = Bitfield::new(4);
+        bf.set(2, true);
+        let blocks = st.pick(k, &bf, 1, Instant::now());
+        st.block_arrived(
+            k,
+            blocks[0],
+            &vec![0; blocks[0].length as usize],
+            Instant::now(),
+        );
+        assert_eq!(
+            st.have().count_ones(),
+            1,
+            "a cached piece made room for the one being downloaded"
+        );
     }
 
     #[test]
