@@ -546,9 +546,15 @@ fn readdir_of_a_20000_file_directory_lists_every_name_exactly_once() {
     let mut m = Mount::start(&torrent, &mnt, &tmp.path().join("mount.log"), &[]);
     let listed_dir = mnt.join("many");
     let (listed, ls_order) = with_watchdog(Duration::from_secs(120), "listing", move || {
+        // Each entry's attributes too (readdirplus hands them over with the names).
         let mut listed: Vec<String> = std::fs::read_dir(&listed_dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                assert!(meta.is_file() && meta.len() == 1, "{:?}: {meta:?}", e.path());
+                e.file_name().into_string().unwrap()
+            })
             .collect();
         listed.sort();
         // `ls -f`: directory order, "." and ".." included.
