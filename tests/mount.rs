@@ -552,7 +552,11 @@ fn readdir_of_a_20000_file_directory_lists_every_name_exactly_once() {
             .map(|e| {
                 let e = e.unwrap();
                 let meta = e.metadata().unwrap();
-                assert!(meta.is_file() && meta.len() == 1, "{:?}: {meta:?}", e.path());
+                assert!(
+                    meta.is_file() && meta.len() == 1,
+                    "{:?}: {meta:?}",
+                    e.path()
+                );
                 e.file_name().into_string().unwrap()
             })
             .collect();
