@@ -70,7 +70,7 @@ impl PeerError {
 
 pub async fn connect_and_run(t: Arc<Torrent>, addr: SocketAddr) -> Result<(), PeerError> {
     let ours = Handshake::new(t.info_hash.0, t.peer_id);
-    let r = peer::connect(addr, &ours).await;
+    let r = peer::connect(addr, t.local_ip, &ours).await;
     t.lock().connect_finished();
     let (theirs, reader, writer) = r?;
     run(t, addr, true, theirs, reader, writer).await
@@ -143,6 +143,15 @@ pub async fn run(
         writer_gone.clone(),
     )));
     let result = conn.run(reader, cmd_rx, &cancel, &writer_gone).await;
+    // Banned before the socket closes: the peer must not get back in by redialling at once.
+    if let Some(e) = result.as_ref().err().filter(|e| e.is_misbehaviour()) {
+        log::info!(
+            "banning peer {} for {:?}: {e}",
+            addr.ip(),
+            crate::engine::state::VIOLATION_BAN
+        );
+        t.lock().peer_misbehaved(addr.ip(), now());
+    }
     // Leaving the torrent and closing the queue happen when `conn` drops, also when this task
     // is cancelled.
     drop(conn);
@@ -152,16 +161,8 @@ pub async fn run(
         (r, _) => r,
     };
     match &result {
-        Err(e) if e.is_misbehaviour() => {
-            log::info!(
-                "banning peer {} for {:?}: {e}",
-                addr.ip(),
-                crate::engine::state::VIOLATION_BAN
-            );
-            t.lock().peer_misbehaved(addr.ip(), now());
-        }
-        Err(e) => log::debug!("peer {addr}: {e}"),
-        Ok(()) => {}
+        Err(e) if !e.is_misbehaviour() => log::debug!("peer {addr}: {e}"),
+        _ => {}
     }
     result
 }
