@@ -468,3 +468,134 @@ fn seeder_killed_midway_other_seeder_finishes() {
         "nothing came from the surviving seeder {survivor_addr}: {out:#?}"
     );
 }
+
+/// What a plain peer hears from `addr` within `quiet` after asking for a block: whether it was
+/// unchoked, and whether the block came.
+fn ask_for_a_block(addr: SocketAddr, info_hash: [u8; 20], quiet: Duration) -> (bool, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut ours = Handshake::new(info_hash, [b'q'; 20]);
+    ours.reserved = [0; 8];
+    s.write_all(&ours.encode()).unwrap();
+    let mut out = BytesMut::new();
+    wire::encode(&Message::Interested, &mut out);
+    s.write_all(&out).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let (mut buf, mut chunk) = (BytesMut::new(), [0u8; 64 * 1024]);
+    let (mut unchoked, mut served, mut handshaken) = (false, false, false);
+    let until = Instant::now() + quiet;
+    while Instant::now() < until && !served {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue, // read timeout: keep listening until `quiet` is over
+        }
+        if !handshaken {
+            if buf.len() < 68 {
+                continue;
+            }
+            let _ = buf.split_to(68);
+            handshaken = true;
+        }
+        while let Decode::Message(m) = wire::decode(&mut buf, 1 << 20).unwrap() {
+            match m {
+                Message::Unchoke if !unchoked => {
+                    unchoked = true;
+                    let mut req = BytesMut::new();
+                    let block = wire::BlockRequest {
+                        piece: 0,
+                        offset: 0,
+                        length: 16 * 1024,
+                    };
+                    wire::encode(&Message::Request(block), &mut req);
+                    s.write_all(&req).unwrap();
+                }
+                Message::Piece { .. } => served = true,
+                _ => {}
+            }
+        }
+    }
+    (unchoked, served)
+}
+
+/// `download --seed` keeps serving once complete and says how much it sent; with `--no-upload`
+/// it never unchokes an interested peer, and sends nothing. The same run without the flag is the
+/// control: there the peer is unchoked and served within the same window.
+#[test]
+fn a_no_upload_downloader_never_unchokes_anyone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_file(&src.join("f.bin"), 1 << 20, 5);
+    let t = tmp.path().join("f.torrent");
+    create_torrent(&src.join("f.bin"), &t, &[]);
+    let info_hash = Metainfo::from_bytes(&std::fs::read(&t).unwrap())
+        .unwrap()
+        .info_hash
+        .0;
+    let (_seed, seeder_addr) = seeder(&src, &t, &tmp.path().join("seed.log"), &[]);
+    for no_upload in [false, true] {
+        let dst = tmp.path().join(format!("dst-{no_upload}"));
+        let peer = seeder_addr.to_string();
+        let mut args = vec!["--peer", &peer, "--seed"];
+        if no_upload {
+            args.push("--no-upload");
+        }
+        let mut d = download(&t, &dst, &tmp.path().join("dl.log"), &args);
+        let addr = d.listen_addr();
+        d.wait_line("seeding until interrupted", Duration::from_secs(60));
+        // Within 3 s a complete peer unchokes an interested one (at once, a free slot) and
+        // answers its request; the window is for the negative case.
+        let (unchoked, served) = ask_for_a_block(addr, info_hash, Duration::from_secs(3));
+        d.signal(libc::SIGTERM);
+        let uploaded = d.wait_line("uploaded ", Duration::from_secs(30));
+        assert_eq!(d.wait_exit(Duration::from_secs(30)).code(), Some(0));
+        if no_upload {
+            assert!(
+                !unchoked && !served,
+                "--no-upload unchoked or served a peer"
+            );
+            assert_eq!(uploaded, "uploaded 0 bytes");
+        } else {
+            assert!(unchoked && served, "the control was not served");
+            assert_eq!(uploaded, "uploaded 16384 bytes");
+        }
+    }
+}
+
+/// With `--listen` on one address, peer connections and tracker announces leave from it: a
+/// peer or tracker hands others the address that reaches us (each peer of a loopback swarm on
+/// its own 127.0.0.x, as scripts/bench-distribution.sh runs them).
+#[test]
+fn connections_and_announces_leave_from_the_listen_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_file(&src.join("f.bin"), 100_000, 6);
+    let t = tmp.path().join("f.torrent");
+    create_torrent(&src.join("f.bin"), &t, &[]);
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tracker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer_arg = peer.local_addr().unwrap().to_string();
+    let tracker_arg = format!("http://{}/announce", tracker.local_addr().unwrap());
+    let _d = Proc::spawn(
+        "download",
+        Command::new(bin())
+            .arg("download")
+            .arg(&t)
+            .arg("-d")
+            .arg(tmp.path().join("dst"))
+            .args(["--listen", "127.0.0.7:0", "--no-dht", "--peer", &peer_arg])
+            .args(["--tracker", &tracker_arg]),
+        &tmp.path().join("dl.log"),
+    );
+    for (what, listener) in [("peer", &peer), ("tracker", &tracker)] {
+        let (_conn, from) = with_watchdog(Duration::from_secs(60), what, {
+            let l = listener.try_clone().unwrap();
+            move || l.accept().unwrap()
+        });
+        assert_eq!(
+            from.ip(),
+            "127.0.0.7".parse::<std::net::IpAddr>().unwrap(),
+            "the {what} connection came from {from}"
+        );
+    }
+}

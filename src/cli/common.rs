@@ -38,6 +38,10 @@ pub struct SwarmArgs {
     /// Cap on download rate in bytes per second (e.g. 10MiB).
     #[arg(long, value_name = "RATE", value_parser = size_arg)]
     pub download_rate: Option<u64>,
+    /// Never upload: every peer stays choked and no request is served (a pure downloader, as
+    /// in a client-server transfer).
+    #[arg(long)]
+    pub no_upload: bool,
     /// Most peers connected at once for this torrent. One in five of these slots is kept for
     /// connections we open; when all are taken, a peer that has been neither interested in us
     /// nor sending us data for 5 s gives its slot to a newcomer.
@@ -160,8 +164,17 @@ impl SwarmArgs {
     pub fn apply(&self, cfg: &mut TorrentConfig) -> anyhow::Result<()> {
         cfg.peers = self.peer_addrs()?;
         cfg.trackers = self.trackers.clone();
+        if self.upload_rate == Some(0) {
+            anyhow::bail!(
+                "--upload-rate 0 would stall every peer we unchoke; --no-upload never unchokes any"
+            );
+        }
+        if self.download_rate == Some(0) {
+            anyhow::bail!("--download-rate 0 would never download anything");
+        }
         cfg.upload_rate = self.upload_rate;
         cfg.download_rate = self.download_rate;
+        cfg.no_upload = self.no_upload;
         cfg.max_peers = self.max_peers.max(1);
         cfg.dht_announce_interval = Duration::from_secs(self.dht_announce_interval);
         Ok(())
@@ -517,9 +530,19 @@ pub fn print_peer_sources(t: &Torrent) {
     }
 }
 
+/// The closing line of a seeder: bytes of piece data sent to peers (scripts read it).
+pub fn print_uploaded(t: &Torrent) {
+    println!("uploaded {} bytes", t.snapshot().uploaded);
+}
+
 /// Prints where we listen (tests and scripts read this line) and flushes.
 pub fn announce_listen(addr: SocketAddr) {
-    use std::io::Write;
     println!("listening on {addr}");
+    flush_stdout();
+}
+
+/// Sends what was printed on, for a script waiting on a line.
+pub fn flush_stdout() {
+    use std::io::Write;
     let _ = std::io::stdout().flush();
 }

@@ -1,6 +1,6 @@
 //! `swarmfs download TORRENT|MAGNET -d DIR`: fetch the whole torrent into `DIR/<name>`,
-//! resuming from whatever verified data is already there, then exit. A magnet link's metadata is
-//! fetched first and kept in DIR.
+//! resuming from whatever verified data is already there, then exit (with `--seed`, seed until
+//! interrupted instead). A magnet link's metadata is fetched first and kept in DIR.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,6 +17,10 @@ pub struct Args {
     /// Directory that holds the content as DIR/<name> (default: the current directory).
     #[arg(short = 'd', long, value_name = "DIR", default_value = ".")]
     pub data_dir: PathBuf,
+    /// Once complete, keep seeding until interrupted (Ctrl-C or SIGTERM), then say how much was
+    /// uploaded.
+    #[arg(long)]
+    pub seed: bool,
     #[command(flatten)]
     pub metadata: MetadataArgs,
     #[command(flatten)]
@@ -25,6 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let source = Source::parse(&args.source)?;
+    let seed_after = args.seed;
     let cfg = TorrentConfig {
         data_dir: Some(args.data_dir.clone()),
         // Verified pieces go to disk; the cache only serves uploads to other leechers.
@@ -66,6 +71,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "received {bytes} bytes from peer {} at {addr}",
                     hex::encode(id)
                 );
+            }
+            if seed_after {
+                println!("seeding until interrupted");
+                common::flush_stdout();
+                common::termination_signal().await;
+                common::print_uploaded(&t);
             }
             session.shutdown().await;
             Ok(())

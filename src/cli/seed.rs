@@ -94,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             common::spawn_status_line(t.clone());
             common::termination_signal().await;
             common::print_peer_sources(&t);
+            common::print_uploaded(&t);
             session.shutdown().await;
             Ok(())
         },

@@ -6,7 +6,7 @@
 //! normal torrent, to the peers that were found.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub struct FetchConfig {
     pub peer_id: [u8; 20],
     /// Our listen port, for the extension handshake.
     pub listen_port: u16,
+    /// Where connections leave from (the listen address, when it names one).
+    pub local_ip: Option<IpAddr>,
     /// Connections open at once.
     pub max_connections: usize,
     /// A piece a peer has not sent for this long is asked of another.
@@ -54,6 +56,7 @@ impl FetchConfig {
             info_hash,
             peer_id,
             listen_port,
+            local_ip: None,
             max_connections: 8,
             request_timeout: Duration::from_secs(10),
         }
@@ -246,7 +249,7 @@ impl Conn {
     async fn exchange(&self, addr: SocketAddr) -> Result<(), FetchPeerError> {
         let cfg = &self.shared.cfg;
         let ours = Handshake::new(cfg.info_hash.0, cfg.peer_id);
-        let (theirs, mut reader, mut writer) = peer::connect(addr, &ours).await?;
+        let (theirs, mut reader, mut writer) = peer::connect(addr, cfg.local_ip, &ours).await?;
         {
             let mut inner = self.shared.lock();
             inner.progress.peers_connected += 1;

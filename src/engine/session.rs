@@ -153,10 +153,10 @@ impl Session {
         progress: Arc<dyn Fn(u32) + Send + Sync>,
     ) -> anyhow::Result<Arc<Torrent>> {
         let peer_id = self.peer_id;
-        let port = self.listen_addr.port();
+        let listen_addr = self.listen_addr;
         let parent = self.tasks.token().clone();
         let t = tokio::task::spawn_blocking(move || {
-            Torrent::new(meta, cfg, peer_id, port, parent, &|n| progress(n))
+            Torrent::new(meta, cfg, peer_id, listen_addr, parent, &|n| progress(n))
         })
         .await??;
         lock(&self.torrents).insert(t.info_hash.0, t.clone());
@@ -220,7 +220,8 @@ impl Session {
                 });
         }
         drop(peers_tx);
-        let cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());
+        let mut cfg = FetchConfig::new(info_hash, self.peer_id, self.listen_addr.port());
+        cfg.local_ip = Some(self.listen_addr.ip()).filter(|ip| !ip.is_unspecified());
         metadata::fetch(cfg, peers_rx, progress_tx, self.tasks.token().child_token()).await
     }
 

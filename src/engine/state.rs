@@ -86,6 +86,10 @@ pub(crate) struct StateConfig {
     pub max_window: u64,
     pub our_peer_id: [u8; 20],
     pub listen_port: u16,
+    /// The address we listen on, when the listener is bound to one.
+    pub local_ip: Option<IpAddr>,
+    /// Never unchoke anyone (`--no-upload`).
+    pub no_upload: bool,
     pub seed: u64,
 }
 
@@ -333,7 +337,11 @@ impl State {
         if self.banned_for_good(addr.ip()) || self.known.contains(&addr) {
             return;
         }
-        if addr.port() == self.cfg.listen_port && addr.ip().is_loopback() {
+        let our_ip = match self.cfg.local_ip {
+            Some(ip) => addr.ip() == ip,
+            None => addr.ip().is_loopback(),
+        };
+        if addr.port() == self.cfg.listen_port && our_ip {
             return; // ourselves, as a tracker may list us
         }
         if self.candidates.len() >= MAX_CANDIDATES {
@@ -584,6 +592,9 @@ impl State {
     }
 
     fn set_unchoked(&mut self, key: PeerKey, unchoked: bool) {
+        if unchoked && self.cfg.no_upload {
+            return;
+        }
         if let Some(p) = self.peers.get_mut(&key) {
             if p.unchoked != unchoked {
                 p.unchoked = unchoked;
@@ -1215,6 +1226,8 @@ mod tests {
                 max_window: 4 * PIECE as u64,
                 our_peer_id: [1; 20],
                 listen_port: 6881,
+                local_ip: None,
+                no_upload: false,
                 seed: 7,
             },
             bf,
@@ -1652,6 +1665,19 @@ mod tests {
         let (k, mut rx) = join(&mut st, 2);
         st.peer_interested(k, true, Instant::now());
         assert_eq!(drain(&mut rx), vec![Command::Unchoke]);
+    }
+
+    #[test]
+    fn with_no_upload_nobody_is_ever_unchoked() {
+        let mut st = state(2, 2, "##");
+        st.cfg.no_upload = true;
+        let (k, mut rx) = join(&mut st, 2);
+        let t0 = Instant::now();
+        st.peer_interested(k, true, t0);
+        for s in 0..100 {
+            st.choke_round(t0 + Duration::from_secs(s));
+        }
+        assert_eq!(drain(&mut rx), vec![]);
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn torrent(fx: &Fixture, seed_from_disk: bool, cfg: TorrentConfig) -> Arc<Torren
         fx.meta.clone(),
         cfg,
         id,
-        6881,
+        std::net::SocketAddr::from(([0, 0, 0, 0], 6881)),
         CancellationToken::new(),
         &|_| {},
     )

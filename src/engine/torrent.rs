@@ -11,7 +11,7 @@
 //! - Every task of the torrent (ticker, connects, peers, hashing) is in `tasks`; `shutdown`
 //!   cancels them and returns when they are gone.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -53,6 +53,8 @@ pub struct TorrentConfig {
     pub trackers: Vec<String>,
     pub upload_rate: Option<u64>,
     pub download_rate: Option<u64>,
+    /// `--no-upload`: nobody is ever unchoked.
+    pub no_upload: bool,
     /// Fetch every piece (download, seed). Off for a mount without a data dir: then pieces are
     /// fetched in the background only while the cache has room.
     pub fetch_all: bool,
@@ -78,6 +80,7 @@ impl Default for TorrentConfig {
             trackers: Vec::new(),
             upload_rate: None,
             download_rate: None,
+            no_upload: false,
             fetch_all: true,
             read_timeout: Duration::from_secs(60),
             readahead: 32 << 20,
@@ -127,6 +130,9 @@ pub struct Torrent {
     pub info_hash: InfoHash,
     pub peer_id: [u8; 20],
     pub listen_port: u16,
+    /// The address we listen on when it is a specific one: outgoing connections and tracker
+    /// announces leave from it, so peers and trackers see the address that reaches us.
+    pub local_ip: Option<IpAddr>,
     pub(crate) cfg: TorrentConfig,
     state: Mutex<State>,
     pub counters: Counters,
@@ -159,12 +165,15 @@ impl Torrent {
         meta: Arc<Metainfo>,
         cfg: TorrentConfig,
         peer_id: [u8; 20],
-        listen_port: u16,
+        listen_addr: SocketAddr,
         cancel: CancellationToken,
         progress: &(dyn Fn(u32) + Sync),
     ) -> anyhow::Result<Arc<Torrent>> {
         let lengths = meta.info.lengths;
         let count = lengths.piece_count();
+        let listen_port = listen_addr.port();
+        // A listener bound to one address: connections and announces leave from it too.
+        let local_ip = Some(listen_addr.ip()).filter(|ip| !ip.is_unspecified());
         let store = match &cfg.data_dir {
             Some(d) => Some(Arc::new(Store::open(d, &meta.info).map_err(|e| {
                 anyhow::anyhow!(
@@ -195,6 +204,8 @@ impl Torrent {
                 max_window,
                 our_peer_id: peer_id,
                 listen_port,
+                local_ip,
+                no_upload: cfg.no_upload,
                 seed,
             },
             on_disk,
@@ -209,6 +220,7 @@ impl Torrent {
             lengths,
             peer_id,
             listen_port,
+            local_ip,
             upload_limit: cfg.upload_rate.map(RateLimiter::new),
             download_limit: cfg.download_rate.map(RateLimiter::new),
             cfg,
@@ -285,7 +297,10 @@ impl Torrent {
             return;
         }
         let a = Announcer::spawn(AnnouncerSetup {
-            config: AnnouncerConfig::default(),
+            config: AnnouncerConfig {
+                local_ip: self.local_ip,
+                ..AnnouncerConfig::default()
+            },
             tiers,
             peer: SwarmPeer {
                 info_hash: self.info_hash.0,

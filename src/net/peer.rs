@@ -2,12 +2,12 @@
 //! codec. No protocol decisions here; the engine's peer task makes them.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::core::wire::{self, Decode, Handshake, Message, HANDSHAKE_LEN};
 
@@ -43,17 +43,31 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// Opens a connection and exchanges handshakes; the peer must answer for `ours.info_hash`.
+/// Opens a connection (from `local_ip` when given and of `addr`'s family: the address we listen
+/// on, so the peer sees the address others reach us at) and exchanges handshakes; the peer must
+/// answer for `ours.info_hash`.
 pub async fn connect(
     addr: SocketAddr,
+    local_ip: Option<IpAddr>,
     ours: &Handshake,
 ) -> Result<(Handshake, PeerReader, PeerWriter), PeerIoError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, open_stream(addr, local_ip))
         .await
         .map_err(|_| PeerIoError::ConnectTimeout)??;
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     handshake_outgoing(Box::new(rd), Box::new(wr), ours).await
+}
+
+async fn open_stream(addr: SocketAddr, local_ip: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
 }
 
 /// Our handshake first, then theirs, on an established stream.

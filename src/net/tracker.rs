@@ -6,7 +6,7 @@
 //! order, back-off on failure, `completed` and `stopped`; every peer it learns goes to a channel.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -56,7 +56,18 @@ impl TrackerClient {
     /// A client whose HTTP exchanges (connect, redirects, whole body) end within
     /// `http_timeout` and whose UDP exchanges follow `udp`.
     pub fn with_timeouts(http_timeout: Duration, udp: UdpSchedule) -> Self {
+        Self::with_local_ip(http_timeout, udp, None)
+    }
+
+    /// As [`Self::with_timeouts`], every request sent from `local_ip` when given (the address
+    /// we listen on, so the tracker hands others the address that reaches us).
+    pub fn with_local_ip(
+        http_timeout: Duration,
+        udp: UdpSchedule,
+        local_ip: Option<IpAddr>,
+    ) -> Self {
         let http = reqwest::Client::builder()
+            .local_address(local_ip)
             .timeout(http_timeout)
             .connect_timeout(CONNECT_TIMEOUT.min(http_timeout))
             .user_agent(concat!("swarmfs/", env!("CARGO_PKG_VERSION")))
@@ -71,7 +82,7 @@ impl TrackerClient {
             });
         TrackerClient {
             http,
-            udp: UdpTrackerClient::new(udp),
+            udp: UdpTrackerClient::new(udp).with_local_ip(local_ip),
         }
     }
 
@@ -176,6 +187,8 @@ pub struct AnnouncerConfig {
     /// couple of sends, so a silent UDP tracker does not hold up its tier for the spec's two
     /// hours; the round moves on to the next tracker and the whole round is retried later.
     pub udp: UdpSchedule,
+    /// Announces leave from this address (the `--listen` address when it names one).
+    pub local_ip: Option<IpAddr>,
 }
 
 impl Default for AnnouncerConfig {
@@ -193,6 +206,7 @@ impl Default for AnnouncerConfig {
                 retry_base: crate::core::udp_tracker::SPEC_RETRY_BASE,
                 attempts: 2,
             },
+            local_ip: None,
         }
     }
 }
@@ -250,7 +264,7 @@ impl Announcer {
             })
             .collect();
         let task = AnnounceTask {
-            client: TrackerClient::with_timeouts(config.http_timeout, config.udp),
+            client: TrackerClient::with_local_ip(config.http_timeout, config.udp, config.local_ip),
             tiers,
             peer,
             totals,

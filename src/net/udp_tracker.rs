@@ -51,6 +51,8 @@ pub struct UdpTrackerClient {
     connections: Arc<Mutex<HashMap<SocketAddr, ConnectionId>>>,
     /// Sent in every announce so a tracker can tell us apart from others behind the same address.
     key: u32,
+    /// Where requests leave from, when set and of the tracker's family.
+    local_ip: Option<IpAddr>,
 }
 
 impl Default for UdpTrackerClient {
@@ -65,7 +67,14 @@ impl UdpTrackerClient {
             schedule,
             connections: Arc::default(),
             key: rand::random(),
+            local_ip: None,
         }
+    }
+
+    /// Requests to trackers of `ip`'s family leave from `ip`.
+    pub fn with_local_ip(mut self, ip: Option<IpAddr>) -> Self {
+        self.local_ip = ip;
+        self
     }
 
     /// Announces `req` to `tracker` (a `udp://host:port[/...]` URL).
@@ -152,11 +161,13 @@ impl UdpTrackerClient {
         request: impl Fn(u64, u32) -> Result<Vec<u8>, UdpTrackerError>,
         answer: impl Fn(&[u8], u32) -> Result<T, UdpTrackerError>,
     ) -> Result<T, TrackerError> {
-        let unspecified = match tracker {
-            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        let local = match (tracker, self.local_ip) {
+            (SocketAddr::V4(_), Some(ip @ IpAddr::V4(_))) => ip,
+            (SocketAddr::V6(_), Some(ip @ IpAddr::V6(_))) => ip,
+            (SocketAddr::V4(_), _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (SocketAddr::V6(_), _) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
-        let socket = UdpSocket::bind((unspecified, 0)).await.map_err(network)?;
+        let socket = UdpSocket::bind((local, 0)).await.map_err(network)?;
         socket.connect(tracker).await.map_err(network)?;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut attempt = 0;
