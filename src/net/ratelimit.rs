@@ -17,7 +17,10 @@ struct Bucket {
 }
 
 impl RateLimiter {
-    /// `rate` bytes per second; bursts up to a quarter second's worth (at least 64 KiB).
+    /// `rate` bytes per second; bursts up to a quarter second's worth (at least 64 KiB) after an
+    /// idle spell. The bucket starts empty: from the start, no span of t seconds carries more
+    /// than `rate * t` (a full bucket would give the first quarter second away free, and a
+    /// capped transfer would beat its own cap).
     pub fn new(rate: u64) -> Self {
         let rate = rate.max(1) as f64;
         let burst = (rate / 4.0).max(64.0 * 1024.0);
@@ -25,7 +28,7 @@ impl RateLimiter {
             rate,
             burst,
             state: Mutex::new(Bucket {
-                tokens: burst,
+                tokens: 0.0,
                 last: Instant::now(),
             }),
         }
@@ -53,5 +56,34 @@ impl RateLimiter {
         if let Some(w) = wait {
             tokio::time::sleep(w).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_capped_transfer_takes_its_size_over_the_rate_and_idle_time_buys_one_burst() {
+        const RATE: u64 = 4 << 20;
+        let limiter = RateLimiter::new(RATE);
+        let start = Instant::now();
+        for _ in 0..(32 << 20) / (16 << 10) {
+            limiter.acquire(16 << 10).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 8.0).abs() < 0.01, "32 MiB at 4 MiB/s took {took} s");
+
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let start = Instant::now();
+        for _ in 0..(2 << 20) / (16 << 10) {
+            limiter.acquire(16 << 10).await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        // A quarter second's worth (1 MiB) came at once; the other 1 MiB at the rate.
+        assert!(
+            (took - 0.25).abs() < 0.01,
+            "2 MiB after a pause took {took} s"
+        );
     }
 }
