@@ -3,7 +3,7 @@
 # one already, so nothing it starts (our DHT, libtorrent, btfs) can reach another host. It
 # returns (status 1) only when it cannot isolate (not root, no `ip`): the caller goes on as is.
 in_loopback_netns() {
-    [ -n "${SWARMFS_NETNS:-}" ] && return 1
+    [ -n "${SWARMFS_NETNS:-}" ] && return 0 # already inside one
     { [ "$(id -u)" = 0 ] && command -v ip >/dev/null; } || return 1
     local ns="swarmfs-$$-$RANDOM" rc
     ip netns add "$ns" || return 1

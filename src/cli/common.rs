@@ -444,16 +444,23 @@ pub fn spawn_status_line(t: Arc<Torrent>) {
     });
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn termination_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when it
+/// is first polled: keep one and await it wherever the wait goes on, and a signal that comes in
+/// between (while printing, say) is not lost.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 

@@ -48,9 +48,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let start_bytes = t.snapshot().downloaded;
             common::spawn_status_line(t.clone());
             let done = t.wait_complete();
+            let mut stop = std::pin::pin!(common::termination_signal());
             tokio::select! {
                 _ = done => {}
-                _ = common::termination_signal() => {
+                _ = &mut stop => {
                     session.shutdown().await;
                     anyhow::bail!("interrupted; run the same command again to resume");
                 }
@@ -75,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if seed_after {
                 println!("seeding until interrupted");
                 common::flush_stdout();
-                common::termination_signal().await;
+                stop.await;
                 common::print_uploaded(&t);
             }
             session.shutdown().await;

@@ -81,6 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &common::MetadataArgs::default(),
         cfg,
         |session, t| async move {
+            let stop = common::termination_signal();
             let s = t.snapshot();
             println!(
                 "seeding {} ({}), info-hash {}, peer id {}, {}/{} pieces verified",
@@ -92,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 s.pieces_total
             );
             common::spawn_status_line(t.clone());
-            common::termination_signal().await;
+            stop.await;
             common::print_peer_sources(&t);
             common::print_uploaded(&t);
             session.shutdown().await;

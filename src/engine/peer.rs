@@ -375,7 +375,20 @@ impl Queues {
     }
 }
 
-/// Writes queued messages and blocks; flushes when the queues run dry.
+/// A batch of writes that never runs dry still counts its bytes this often.
+const COUNT_EVERY: u64 = 1 << 20;
+
+/// Adds block bytes written to the torrent's total and the connection's (once per batch, not
+/// per block: the counters are shared atomics).
+fn count_uploaded(t: &Torrent, uploaded: &AtomicU64, sent: u64) {
+    if sent > 0 {
+        t.counters.uploaded.fetch_add(sent, Ordering::Relaxed);
+        uploaded.fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
+/// Writes queued messages and blocks; flushes when the queues run dry (or before waiting for
+/// the upload cap).
 async fn write_loop(
     t: Arc<Torrent>,
     mut writer: PeerWriter,
@@ -406,23 +419,26 @@ async fn write_loop(
                     next = rx.try_recv();
                     continue;
                 }
-                if let Some(l) = &t.upload_limit {
-                    l.acquire(data.len()).await;
+                if let Some(wait) = t.upload_limit.as_ref().and_then(|l| l.take(data.len())) {
+                    // What is written goes out before we sleep, and is counted: under a cap
+                    // the queues never run dry, and nothing would be flushed or counted.
+                    writer.flush().await?;
+                    count_uploaded(&t, &uploaded, std::mem::take(&mut sent));
+                    tokio::time::sleep(wait).await;
                 }
             }
             writer.write(&item).await?;
             queued.remove(&item);
             if let Outgoing::Block { data, .. } = &item {
                 sent += data.len() as u64;
+                if sent >= COUNT_EVERY {
+                    count_uploaded(&t, &uploaded, std::mem::take(&mut sent));
+                }
             }
             next = rx.try_recv();
         }
         writer.flush().await?;
-        // Counted once per batch, not per block.
-        if sent > 0 {
-            t.counters.uploaded.fetch_add(sent, Ordering::Relaxed);
-            uploaded.fetch_add(sent, Ordering::Relaxed);
-        }
+        count_uploaded(&t, &uploaded, sent);
     }
     writer.shutdown().await;
     Ok(())

@@ -37,7 +37,15 @@ impl RateLimiter {
     /// Takes `bytes` tokens, waiting until the bucket has refilled enough. Debt is allowed so a
     /// block larger than the burst still passes, and later callers wait it off.
     pub async fn acquire(&self, bytes: usize) {
-        let wait = {
+        if let Some(w) = self.take(bytes) {
+            tokio::time::sleep(w).await;
+        }
+    }
+
+    /// Takes `bytes` tokens at once and says how long to wait before using them (`None`: go
+    /// now), for a caller with something to do before it sleeps.
+    pub fn take(&self, bytes: usize) -> Option<Duration> {
+        {
             let mut b = match self.state.lock() {
                 Ok(b) => b,
                 Err(p) => p.into_inner(),
@@ -52,9 +60,6 @@ impl RateLimiter {
             } else {
                 Some(Duration::from_secs_f64(-b.tokens / self.rate))
             }
-        };
-        if let Some(w) = wait {
-            tokio::time::sleep(w).await;
         }
     }
 }
