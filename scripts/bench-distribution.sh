@@ -9,7 +9,7 @@
 # max(F/u_s, N*F/(u_s + sum u_i)), their ratio; the client-server baseline (leechers with
 # --no-upload, never unchoking) for N <= CS_MAX_N against N*F/u_s; how the upload was shared
 # (seeder's and leechers' bytes uploaded in units of F; the fraction of the run each upload link
-# was busy, bytes / (cap * time)). A second table gives half the leechers a quarter of the
+# was busy, bytes / (cap * time); the median leecher's bytes received straight from the seeder, in F). A second table gives half the leechers a quarter of the
 # upload. Plots go to OUT (default target/bench/): distribution.png, distribution-heterogeneous.png
 # (gnuplot; installed when root and missing). Asserts nothing; the last line is
 #   p2p_ratio_max=<x> cs_ratio_max=<y>

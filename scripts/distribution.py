@@ -180,7 +180,16 @@ def run_swarm(cfg, n, up_caps, no_upload, tag):
             if got is None:
                 raise RuntimeError(f"{p.name} did not report its upload")
             uploaded[p.name] = int(got[1].split()[1])
-        return {"time": max(done), "first": min(done), "uploaded": uploaded}
+        # What each leecher got straight from the seeder ("received N bytes from peer ID at
+        # 127.0.0.2:PORT" lines, printed when its download completed).
+        from_seed = []
+        for p in leechers:
+            with p.cond:
+                lines = [l for _, l in p.lines if l and l.startswith("received ")]
+            from_seed.append(sum(int(l.split()[1]) for l in lines
+                                 if l.split()[-1].startswith("127.0.0.2:")))
+        return {"time": max(done), "first": min(done), "uploaded": uploaded,
+                "from_seed": from_seed}
     finally:
         for p in procs:
             p.stop()
@@ -219,7 +228,7 @@ def p2p_table(cfg, title, caps_of, cs_ns):
           f"{u_s / MIB:g} MiB/s, d_i unlimited; times in s: median (min-max) of {cfg['runs']} runs")
     head = (f"{'N':>3} {'caps u_i MiB/s':>15} {'P2P':>18} {'bound':>6} {'ratio':>6} "
             f"{'CS':>18} {'bound':>6} {'ratio':>6}  {'seed up/F':>9} {'leecher up/F min/med/max':>25}"
-            f" {'seed busy':>9} {'leecher busy med':>16}")
+            f" {'seed busy':>9} {'leecher busy med':>16} {'from seed/F med':>15}")
     print(head)
     rows = []
     for n in cfg["ns"]:
@@ -238,7 +247,8 @@ def p2p_table(cfg, title, caps_of, cs_ns):
         print(f"{n:>3} {cap_text:>15} {fmt_spread(p2p):>18} {p2p_b:6.2f} "
               f"{p2p['time'] / p2p_b:6.3f} {cs_text}  {seed_up:9.2f} "
               f"{ups[0]:7.2f}/{statistics.median(ups):.2f}/{ups[-1]:.2f}{'':>9}"
-              f" {seed_busy:9.2f} {statistics.median(busy):16.2f}", flush=True)
+              f" {seed_busy:9.2f} {statistics.median(busy):16.2f}"
+              f" {statistics.median(p2p['from_seed']) / F:15.2f}", flush=True)
         rows.append({"n": n, "p2p": p2p["time"], "p2p_bound": p2p_b,
                      "cs": cs["time"] if cs else None, "cs_bound": cs_b})
     return rows

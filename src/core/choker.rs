@@ -12,7 +12,10 @@
 //!   us (and connected that long) is snubbed: it gets no regular slot until it sends a block. It
 //!   can still be the optimistic unchoke, so a free slot is not wasted on nobody. Seeding ignores
 //!   snubs.
-//! - Between rounds, a peer that becomes interested takes a free regular slot at once.
+//! - Between rounds, a peer that becomes interested takes a free regular slot at once, and a
+//!   slot left by a peer that lost interest or left goes at the next tick (every second) to the
+//!   interested choked peer with the best rate: in a swarm where everyone wants something, no
+//!   upload slot sits empty until the next round.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -124,7 +127,17 @@ impl Choker {
         self.seeding = seeding;
         self.update_snubs(now, peers);
         if self.next_round.is_some_and(|due| now < due) {
-            return None;
+            if !self.refill(peers, seeding) {
+                return None;
+            }
+            let mut unchoke = self.regular.clone();
+            unchoke.extend(self.optimistic);
+            unchoke.sort_unstable();
+            unchoke.dedup();
+            return Some(ChokeDecision {
+                unchoke,
+                optimistic: self.optimistic,
+            });
         }
         self.next_round = Some(now.checked_add(self.cfg.round).unwrap_or(now));
         self.choose_regular(peers, seeding);
@@ -219,6 +232,42 @@ impl Choker {
                 self.snubbed.entry(p.peer).or_insert(now);
             }
         }
+    }
+
+    /// Gives regular slots not held by an interested peer to the interested peers that are
+    /// choked (and not snubbed), best rate first. True if any was given.
+    fn refill(&mut self, peers: &[PeerSample], seeding: bool) -> bool {
+        let interested = |k: &PeerKey| peers.iter().any(|p| p.peer == *k && p.interested);
+        let held = self.regular.iter().filter(|k| interested(k)).count();
+        let free = self.cfg.regular_slots.saturating_sub(held);
+        if free == 0 {
+            return false;
+        }
+        let mut candidates: Vec<&PeerSample> = peers
+            .iter()
+            .filter(|p| {
+                p.interested
+                    && !self.regular.contains(&p.peer)
+                    && self.optimistic != Some(p.peer)
+                    && !self.is_snubbed(p.peer)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return false;
+        }
+        candidates.shuffle(&mut self.rng);
+        candidates.sort_by_key(|p| {
+            std::cmp::Reverse(if seeding {
+                p.upload_rate
+            } else {
+                p.download_rate
+            })
+        });
+        // The slots of peers that lost interest go to the newcomers.
+        self.regular.retain(|k| interested(k));
+        self.regular
+            .extend(candidates.iter().take(free).map(|p| p.peer));
+        true
     }
 
     fn choose_regular(&mut self, peers: &[PeerSample], seeding: bool) {
@@ -391,6 +440,24 @@ mod tests {
             );
             assert!(!d.unchoke.contains(&6), "not interested");
         }
+    }
+
+    #[test]
+    fn a_slot_left_by_a_peer_that_lost_interest_goes_to_a_waiting_peer_within_a_second() {
+        let mut sim = swarm("iiiiiii", &[60, 50, 40, 30, 20, 10, 5]);
+        let first = sim.run(0..1);
+        assert_eq!(regular(&first[0].1), vec![0, 1, 2, 3]);
+        let optimistic = first[0].1.optimistic.expect("an optimistic unchoke");
+        sim.peers[1].interested = false;
+        let d = sim.run(1..2);
+        assert_eq!(d.len(), 1, "a decision at second 1, not at the round at 10");
+        let best_waiting = [4, 5, 6].into_iter().find(|&k| k != optimistic).unwrap();
+        let mut want = vec![0, 2, 3, best_waiting];
+        want.sort_unstable();
+        assert_eq!(regular(&d[0].1), want);
+        assert!(!d[0].1.unchoke.contains(&1));
+        // Full again: nothing more until the round.
+        assert!(sim.run(2..10).is_empty());
     }
 
     #[test]
