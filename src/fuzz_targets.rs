@@ -32,8 +32,11 @@ use crate::core::tracker_proto::{self, AnnounceRequest};
 use crate::core::udp_tracker::{self, RequestKind};
 use crate::core::wire::{self, Decode, ExtendedHandshake, Handshake, Message, DEFAULT_MAX_FRAME};
 
+/// A fuzz target's body: arbitrary bytes in, a panic on a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the names of `fuzz/fuzz_targets/*.rs` and `fuzz/corpus/*`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("bencode", bencode),
     ("metainfo", metainfo),
     ("magnet", magnet),
