@@ -18,10 +18,14 @@
 //!   its peers up and announces itself there (`ticker`).
 //! - `fuse`: the filesystem, translating kernel requests into engine reads.
 //! - `cli`: one module per subcommand: argument structs (clap) and `run`.
+//! - `fuzz_targets` (hidden): the bodies of the fuzz targets over the `core` codecs and state
+//!   machines, shared by `fuzz/` (cargo-fuzz) and the stable replay test `tests/fuzz_corpus.rs`.
 pub mod cli;
 pub mod core;
 pub mod create;
 pub mod disk;
 pub mod engine;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod net;

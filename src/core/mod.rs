@@ -10,8 +10,8 @@ pub mod layout;
 pub mod magnet;
 pub mod metadata;
 pub mod metainfo;
-#[cfg(test)]
-pub(crate) mod mutate;
+#[doc(hidden)]
+pub mod mutate;
 pub mod names;
 pub mod peer_proto;
 pub mod pex;

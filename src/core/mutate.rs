@@ -1,5 +1,6 @@
 //! Seeded random mutations of valid messages, for the "never panics on malformed input" tests
-//! of every codec (a short bounded pass here; long runs belong to fuzzing).
+//! of every codec (a short bounded pass here; long runs belong to fuzzing), and for the stable
+//! replay of the fuzz targets in `tests/fuzz_corpus.rs`.
 
 use rand::Rng;
 
