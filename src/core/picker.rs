@@ -455,16 +455,25 @@ impl Picker {
                 deadline_max,
             };
             self.pick_priority(ask, peer_pieces, urgent, Mode::Fresh, &mut out);
-            self.pick_partials(ask, peer_pieces, Mode::Fresh, &mut out);
             if self.background {
+                // A piece started elsewhere is finished from this peer only when it is no
+                // more common than the rarest piece this peer could start: a seed asked to
+                // finish pieces other leechers already hold spends its upload on copies the
+                // swarm has, not on pieces only it has.
+                let rarest_new = self.rarest_new(peer_pieces);
+                let rare = |availability: u32| rarest_new.is_none_or(|r| availability <= r);
+                self.pick_partials(ask, peer_pieces, Mode::Fresh, rare, &mut out);
                 self.pick_new(ask, peer_pieces, &mut out);
+                self.pick_partials(ask, peer_pieces, Mode::Fresh, |_| true, &mut out);
+            } else {
+                self.pick_partials(ask, peer_pieces, Mode::Fresh, |_| true, &mut out);
             }
             // Endgame: nothing unrequested is left anywhere (not only at this peer: a leecher
             // holding a few pieces would otherwise duplicate blocks long before the end).
             if out.len() < max && self.in_endgame() {
                 let dup = Mode::Duplicate;
                 self.pick_priority(ask, peer_pieces, dup, dup, &mut out);
-                self.pick_partials(ask, peer_pieces, dup, &mut out);
+                self.pick_partials(ask, peer_pieces, dup, |_| true, &mut out);
             }
         }
         self.debug_check();
@@ -528,12 +537,25 @@ impl Picker {
         }
     }
 
-    /// Every wanted in-progress piece, in piece order.
+    /// The availability of the rarest not-started piece `peer_pieces` has.
+    fn rarest_new(&mut self, peer_pieces: &Bitfield) -> Option<u32> {
+        if self.rarity.dirty {
+            self.rebuild_rarity();
+        }
+        self.rarity
+            .set
+            .range((Bound::Included((1u32, 0u32, 0u32)), Bound::Unbounded))
+            .find(|&&(_, _, p)| peer_pieces.get(p))
+            .map(|&(availability, _, _)| availability)
+    }
+
+    /// Every wanted in-progress piece whose availability passes `take`, in piece order.
     fn pick_partials(
         &mut self,
         ask: Ask,
         peer_pieces: &Bitfield,
         mode: Mode,
+        take: impl Fn(u32) -> bool,
         out: &mut Vec<BlockRef>,
     ) {
         let mut ctx = TakeCtx::new(ask, mode, self.max_duplicates, out, &mut self.requests);
@@ -544,7 +566,7 @@ impl Picker {
             // Deadline pieces were offered in their share already.
             let deadline = self.deadlines.contains_key(&piece);
             let wanted = !deadline && (self.background || self.readahead_set.contains(&piece));
-            if wanted && peer_pieces.get(piece) {
+            if wanted && peer_pieces.get(piece) && take(self.availability[piece as usize]) {
                 take_blocks(piece, ip, &mut ctx);
             }
         }
@@ -1245,21 +1267,45 @@ mod tests {
     }
 
     #[test]
-    fn partial_pieces_before_new_ones() {
-        // Piece 3 is the most common but already started.
-        let mut p = setup("1119111", "   +   ");
+    fn partial_pieces_before_new_ones_as_rare() {
+        let mut p = setup("2221222", "   +   ");
         let now = Instant::now();
         let all = Bitfield::full(7);
         assert_eq!(show(&p.pick(A, &all, 1, now)), "3.1");
         let next = p.pick(A, &all, 1, now);
         assert_ne!(next[0].piece, 3);
         // A peer without the partial piece starts a new one.
-        let mut q = setup("1119111", "   +   ");
+        let mut q = setup("2221222", "   +   ");
         assert_ne!(q.pick(B, &bits("*** ***"), 1, now)[0].piece, 3);
     }
 
+    /// The distribution experiment's defect: a leecher that got the first blocks of a common
+    /// piece from another leecher asked the seed for the rest, so the seed kept sending copies
+    /// of pieces the swarm held while pieces only it had waited. A started piece is finished
+    /// from a peer only when that peer has no rarer piece to start.
     #[test]
-    fn deadline_then_readahead_then_partial_then_rarest() {
+    fn a_common_started_piece_waits_for_the_rarer_pieces_a_peer_can_start() {
+        let mut p = setup("2229222", "   +   ");
+        let now = Instant::now();
+        let all = Bitfield::full(7);
+        let got = p.pick(A, &all, 100, now);
+        let pieces: Vec<u32> = got.iter().map(|b| b.piece).collect();
+        let first_of_3 = pieces
+            .iter()
+            .position(|&x| x == 3)
+            .expect("piece 3 is picked");
+        assert!(
+            pieces[..first_of_3].iter().collect::<HashSet<_>>().len() == 6,
+            "the six rarer pieces come before the common started one: {}",
+            show(&got)
+        );
+        // Without a rarer piece to start, the started piece comes first again.
+        let mut q = setup("9999999", "   +   ");
+        assert_eq!(show(&q.pick(A, &all, 1, now)), "3.1");
+    }
+
+    #[test]
+    fn deadline_then_readahead_then_rarest_with_started_pieces_as_rare_first() {
         let mut p = setup("5555551", "  +    ");
         let t0 = Instant::now();
         p.set_deadline(pi(&p, 5), t0 + Duration::from_secs(2));
@@ -1278,7 +1324,9 @@ mod tests {
         }
         assert_eq!(
             show(&got),
-            "4.0 4.1 5.0 5.1 3.0 3.1 0.0 0.1 2.1 6.0 6.1 1.0 1.1"
+            // 6 (the only piece of availability 1) before the started 2 (availability 5);
+            // once 6 is started, both are started and no rarer than 1: piece order.
+            "4.0 4.1 5.0 5.1 3.0 3.1 0.0 0.1 6.0 2.1 6.1 1.0 1.1"
         );
     }
 
