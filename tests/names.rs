@@ -300,7 +300,23 @@ fn opened_alike() -> Vec<(&'static str, Vec<u8>, Vec<String>)> {
             hybrid(b"x", b"x", 5),
             strings(&["x"]),
         ),
+        (
+            "a duplicate key: the first one counts",
+            duplicate_name(),
+            strings(&["first"]),
+        ),
     ]
+}
+
+/// A single-file torrent whose info dictionary has `name` twice ("first", then "second").
+fn duplicate_name() -> Vec<u8> {
+    let once = single(b"first", 5);
+    let at = once
+        .windows(13)
+        .position(|w| w == b"4:name5:first")
+        .expect("the name entry")
+        + 13;
+    [&once[..at], b"4:name6:second", &once[at..]].concat()
 }
 
 fn write(dir: &Path, i: usize, bytes: &[u8]) -> std::path::PathBuf {

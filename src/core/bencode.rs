@@ -29,8 +29,6 @@ pub enum BencodeError {
     IntegerOverflow(usize),
     #[error("nesting deeper than {MAX_DEPTH} levels at byte {0}")]
     TooDeep(usize),
-    #[error("dictionary key {key:?} appears twice")]
-    DuplicateKey { key: String },
     #[error("trailing data after the end of the value (at byte {0})")]
     TrailingData(usize),
 }
@@ -171,16 +169,13 @@ impl<'a> Reader<'a> {
                     entries.push((key, value));
                 }
                 self.pos += 1;
-                // Unsorted dictionaries occur in the wild and are accepted; duplicate keys are
-                // not, since two readers could then disagree on the value.
+                // Unsorted dictionaries occur in the wild and are accepted. So are duplicate
+                // keys, as libtorrent accepts them: the first one counts, as in libtorrent's
+                // lookups, and the later ones are dropped here so that every reader agrees.
+                // (`raw` still spans them: an info-hash is of the bytes as sent.)
                 if !sorted {
-                    let mut keys: Vec<&[u8]> = entries.iter().map(|(k, _)| *k).collect();
-                    keys.sort_unstable();
-                    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
-                        return Err(BencodeError::DuplicateKey {
-                            key: String::from_utf8_lossy(w[0]).into_owned(),
-                        });
-                    }
+                    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+                    entries.retain(|(k, _)| seen.insert(*k));
                 }
                 Value::Dict(entries)
             }
@@ -376,10 +371,6 @@ mod tests {
             (b"di1ei2ee", |e| {
                 matches!(e, UnexpectedByte { byte: b'i', .. })
             }),
-            (b"d1:ai1e1:ai2ee", |e| matches!(e, DuplicateKey { .. })),
-            (b"d1:bi1e1:ai2e1:bi3ee", |e| {
-                matches!(e, DuplicateKey { .. })
-            }),
             (b"i1ei2e", |e| matches!(e, TrailingData(3))),
             (b"x", |e| matches!(e, UnexpectedByte { byte: b'x', .. })),
         ];
@@ -409,6 +400,24 @@ mod tests {
             decode(&deep(100_000)),
             Err(BencodeError::TooDeep(_))
         ));
+    }
+
+    #[test]
+    fn a_duplicate_key_keeps_its_first_value_as_in_libtorrent() {
+        for input in [&b"d1:ai1e1:ai2ee"[..], b"d1:bi1e1:ai2e1:bi3ee"] {
+            let node = decode(input).unwrap();
+            let Value::Dict(entries) = &node.value else {
+                panic!("a dictionary")
+            };
+            let keys: Vec<&[u8]> = entries.iter().map(|(k, _)| *k).collect();
+            let mut unique = keys.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(keys.len(), unique.len(), "one entry per key");
+            assert_eq!(node.raw, input, "the raw span keeps every byte");
+        }
+        let node = decode(b"d1:bi1e1:ai2e1:bi3ee").unwrap();
+        assert!(matches!(node.get("b").unwrap().value, Value::Int(1)));
     }
 
     #[test]

@@ -1387,9 +1387,6 @@ mod tests {
             ("hybrid lengths disagree", hybrid_single("x", "x", 6, 16384), |e| {
                 matches!(e, E::HybridMismatch(_))
             }),
-            ("duplicate key", b"d4:infod4:name1:x4:name1:yee".to_vec(), |e| {
-                matches!(e, E::Bencode(BencodeError::DuplicateKey { .. }))
-            }),
             ("too deep", [b"d4:info".to_vec(), vec![b'l'; 1000]].concat(), |e| {
                 matches!(e, E::Bencode(BencodeError::TooDeep(_)))
             }),
