@@ -324,10 +324,19 @@ impl Metainfo {
 
     /// A magnet link for this torrent (info-hash, name, trackers).
     pub fn magnet(&self) -> Magnet {
+        // Each tracker once, in tier order: a link repeats none (and parsing one drops repeats).
+        let mut seen = std::collections::HashSet::new();
+        let trackers: Vec<String> = self
+            .announce_list
+            .iter()
+            .flatten()
+            .filter(|t| !t.is_empty() && seen.insert(t.as_str()))
+            .cloned()
+            .collect();
         Magnet {
             info_hash: self.info_hash,
             display_name: Some(self.info.name.clone()),
-            trackers: self.announce_list.iter().flatten().cloned().collect(),
+            trackers,
             peers: Vec::new(),
         }
     }
