@@ -13,7 +13,7 @@ cd "$repo"
 cargo bench --quiet --bench hot -- --noplot ${BENCH_FILTER:-} 2>&1 |
     awk '
         /change:/ { skip = 1; next }
-        /^$/ { skip = 0 }
+        /^$/ || /^[^ ]/ { skip = 0 }
         skip { next }
         /^[a-z].*time:/ { name = $0; sub(/ +time:.*/, "", name); sub(/ +time: +/, "  time: "); print; next }
         /^[a-z]/ && !/^(Benchmarking|Found|Gnuplot|Warning)/ { name = $0; next }
