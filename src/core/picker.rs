@@ -542,11 +542,23 @@ impl Picker {
         if self.rarity.dirty {
             self.rebuild_rarity();
         }
+        let first = Bound::Included((1u32, 0u32, 0u32));
+        self.next_new(first, peer_pieces)
+            .map(|(availability, _, _)| availability)
+    }
+
+    /// The first not-started piece `peer_pieces` has in rarity order from `from` (only pieces
+    /// some peer is counted to have: availability at least 1).
+    fn next_new(
+        &self,
+        from: Bound<(u32, u32, u32)>,
+        peer_pieces: &Bitfield,
+    ) -> Option<(u32, u32, u32)> {
         self.rarity
             .set
-            .range((Bound::Included((1u32, 0u32, 0u32)), Bound::Unbounded))
+            .range((from, Bound::Unbounded))
             .find(|&&(_, _, p)| peer_pieces.get(p))
-            .map(|&(availability, _, _)| availability)
+            .copied()
     }
 
     /// Every wanted in-progress piece whose availability passes `take`, in piece order.
@@ -584,13 +596,7 @@ impl Picker {
         }
         let mut from = Bound::Included((1u32, 0u32, 0u32));
         while out.len() < max {
-            let found = self
-                .rarity
-                .set
-                .range((from, Bound::Unbounded))
-                .find(|&&(_, _, p)| peer_pieces.get(p))
-                .copied();
-            let Some(key) = found else {
+            let Some(key) = self.next_new(from, peer_pieces) else {
                 break;
             };
             from = Bound::Excluded(key);

@@ -45,22 +45,12 @@ impl RateLimiter {
     /// Takes `bytes` tokens at once and says how long to wait before using them (`None`: go
     /// now), for a caller with something to do before it sleeps.
     pub fn take(&self, bytes: usize) -> Option<Duration> {
-        {
-            let mut b = match self.state.lock() {
-                Ok(b) => b,
-                Err(p) => p.into_inner(),
-            };
-            let now = Instant::now();
-            let elapsed = now.duration_since(b.last).as_secs_f64();
-            b.last = now;
-            b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
-            b.tokens -= bytes as f64;
-            if b.tokens >= 0.0 {
-                None
-            } else {
-                Some(Duration::from_secs_f64(-b.tokens / self.rate))
-            }
-        }
+        let mut b = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst) - bytes as f64;
+        (b.tokens < 0.0).then(|| Duration::from_secs_f64(-b.tokens / self.rate))
     }
 }
 
