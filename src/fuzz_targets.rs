@@ -23,6 +23,7 @@ use crate::core::layout::{Bitfield, BlockRef, Lengths, BLOCK_SIZE};
 use crate::core::magnet::Magnet;
 use crate::core::metadata::{self, MetadataAssembly, MetadataMessage};
 use crate::core::metainfo::{build_torrent, Info, InfoHash, Metainfo, TorrentContent, TorrentSpec};
+use crate::core::names;
 use crate::core::peer_proto::{
     Action, Command, Input, PeerConfig, PeerProto, MAX_CANCELLED, MAX_QUEUE, MIN_QUEUE,
 };
@@ -153,9 +154,16 @@ fn check_info(info: &Info) {
 }
 
 /// What `build_torrent` would need to write `m` again, if it can express it (no pad files, paths
-/// in the sorted order the builder insists on).
+/// in the sorted order the builder insists on) and if its names are ones sanitizing keeps as
+/// they are. libtorrent's sanitizing, which we follow, is not idempotent: a `_` that replaced an
+/// invalid byte does not count towards the 240-byte cut, so a name sanitized once may be cut
+/// again, elsewhere, when it is sanitized a second time.
 fn rebuild_spec(m: &Metainfo) -> Option<TorrentSpec> {
     if m.info.files.iter().any(|f| f.pad) {
+        return None;
+    }
+    let kept = |c: &String| names::sanitize_component(c.as_bytes()).as_ref() == Some(c);
+    if !kept(&m.info.name) || !m.info.files.iter().flat_map(|f| &f.path).all(kept) {
         return None;
     }
     let content = if m.info.multi_file {
