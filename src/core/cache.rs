@@ -139,6 +139,17 @@ impl PieceCache {
         }
     }
 
+    /// Changes the budget (a session shares one among its torrents); a smaller one evicts at
+    /// once. Returns the evicted piece indices.
+    pub fn set_budget(&mut self, budget: u64) -> Vec<u32> {
+        let shrank = budget < self.budget;
+        self.budget = budget;
+        match shrank {
+            true => self.evict_to_budget(),
+            false => Vec::new(),
+        }
+    }
+
     /// Drops a piece (pins on it stay); returns whether it was cached.
     pub fn remove(&mut self, piece: u32) -> bool {
         if self.newest == Some(piece) {
@@ -355,5 +366,23 @@ mod tests {
         assert!(c.is_empty());
         assert_eq!(c.used(), 0);
         assert_eq!(c.get(1), None);
+    }
+
+    #[test]
+    fn a_smaller_budget_evicts_at_once_and_a_larger_one_keeps_everything() {
+        let mut c = PieceCache::new(4 * 10);
+        for p in 0..4 {
+            assert!(c.insert(p, Bytes::from(vec![0u8; 10])).is_empty());
+        }
+        c.pin(1);
+        assert!(c.set_budget(100).is_empty());
+        assert_eq!(c.len(), 4);
+        // Down to 10 bytes: the least recently used unpinned pieces go, the pinned one and the
+        // newest stay.
+        assert_eq!(c.set_budget(10), vec![0, 2]);
+        assert!(c.contains(1) && c.contains(3));
+        assert!(!c.has_room(10));
+        assert_eq!(c.set_budget(40), Vec::<u32>::new());
+        assert!(c.has_room(20));
     }
 }

@@ -164,6 +164,24 @@ impl Session {
         Ok(t)
     }
 
+    /// Stops a torrent and forgets it: its peers are dropped, trackers hear `stopped`, and its
+    /// readers fail. Returns false if the session has no such torrent.
+    pub async fn remove_torrent(&self, info_hash: InfoHash) -> bool {
+        let removed = lock(&self.torrents).remove(&info_hash.0);
+        match removed {
+            Some(t) => {
+                t.shutdown().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The torrent with this info-hash, if the session has it.
+    pub fn torrent(&self, info_hash: InfoHash) -> Option<Arc<Torrent>> {
+        lock(&self.torrents).get(&info_hash.0).cloned()
+    }
+
     /// Fetches a magnet link's metadata from `peers` and the peers `trackers` return, until it
     /// is verified (`None` if the session shuts down first; the caller bounds the wait).
     /// Progress goes to `progress_tx`.

@@ -189,6 +189,8 @@ pub(crate) struct State {
     store_failed: bool,
     streams: HashMap<StreamId, ReadStream>,
     next_stream: StreamId,
+    /// When the latest read started.
+    last_read: Option<Instant>,
     /// Pieces each waiting read needs, counted, so deadlines are cleared when the last reader
     /// of a piece is gone.
     read_waiters: HashMap<u32, u32>,
@@ -225,6 +227,7 @@ impl State {
             on_disk,
             store_failed: false,
             streams: HashMap::new(),
+            last_read: None,
             next_stream: 1,
             read_waiters: HashMap::new(),
             received_from_gone: bounded(MAX_GONE_TOTALS),
@@ -901,6 +904,22 @@ impl State {
         self.debug_check();
     }
 
+    /// The cache's share of the session's budget changed (`Torrent::set_cache_budget`).
+    pub fn set_cache_budget(&mut self, bytes: u64) {
+        let evicted = self.cache.set_budget(bytes);
+        self.evicted(&evicted);
+        self.update_background();
+        self.debug_check();
+    }
+
+    /// Whether a reader has a file open or read within `within` of `now`.
+    pub fn is_being_read(&self, now: Instant, within: Duration) -> bool {
+        !self.streams.is_empty()
+            || self
+                .last_read
+                .is_some_and(|t| now.saturating_duration_since(t) < within)
+    }
+
     /// Pieces evicted from the cache that are not on disk are no longer held.
     /// Pieces being downloaded or hashed take their room from the cache, so the budget bounds
     /// all piece data held.
@@ -982,6 +1001,7 @@ impl State {
         pieces: &[PieceIndex],
         now: Instant,
     ) -> Vec<PieceIndex> {
+        self.last_read = Some(now);
         if let Some(s) = stream.and_then(|id| self.streams.get_mut(&id)) {
             let max = self.cfg.max_window;
             let sequential = offset >= s.next_offset && offset - s.next_offset < SEQUENTIAL_SLACK;

@@ -366,6 +366,16 @@ impl Torrent {
         }
     }
 
+    /// Sets this torrent's share of the session's cache budget; a smaller share evicts at once.
+    pub fn set_cache_budget(&self, bytes: u64) {
+        self.lock().set_cache_budget(bytes);
+    }
+
+    /// Whether a reader has one of its files open, or read within `within`.
+    pub fn is_being_read(&self, within: Duration) -> bool {
+        self.lock().is_being_read(Instant::now().into_std(), within)
+    }
+
     /// Bytes received from each peer (connected or gone) by peer id, with its last address.
     pub fn received_by_peer(&self) -> Vec<([u8; 20], SocketAddr, u64)> {
         self.lock().received_by_peer()

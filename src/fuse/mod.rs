@@ -1,3 +1,4 @@
 //! The filesystem: kernel requests translated into engine reads.
 pub mod fs;
 pub mod inode;
+pub mod library;
