@@ -4,6 +4,7 @@ pub mod create;
 pub mod dht;
 pub mod download;
 pub mod info;
+pub mod librarian;
 pub mod mount;
 pub mod seed;
 pub mod tracker;

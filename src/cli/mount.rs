@@ -1,35 +1,59 @@
-//! `swarmfs mount TORRENT|MAGNET MOUNTPOINT`: returns once the mount is live (for a magnet
+//! `swarmfs mount SOURCE... MOUNTPOINT`: returns once the mount is live (for a lone magnet
 //! link, once its metadata is fetched and the files are visible), then serves it in the
-//! background (like sshfs and btfs) or, with `-f`, in the foreground.
+//! background (like sshfs and btfs) or, with `-f`, in the foreground. Each SOURCE is a .torrent,
+//! a magnet link or a directory of .torrent files (watched); more can be added at runtime
+//! through `.swarmfs/add/` (see `cli::librarian`).
 
 use std::io::{BufRead, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fuser::{MountOption, SessionACL};
 
 use crate::cli::common::{self, MetadataArgs, Source, SwarmArgs};
+use crate::cli::librarian::{Added, Librarian};
 use crate::cli::size_arg;
 use crate::engine::metadata::FetchProgress;
 use crate::engine::session::{bind_listener, Session};
 use crate::engine::torrent::TorrentConfig;
-use crate::fuse::fs::TorrentFs;
+use crate::fuse::fs::{LibraryFs, SharedLibrary};
+
+/// What the mount was given to show.
+enum MountSource {
+    One(Source),
+    /// A directory of .torrent files, watched.
+    Dir(PathBuf),
+}
+
+impl Args {
+    fn mountpoint(&self) -> PathBuf {
+        PathBuf::from(self.paths.last().map(String::as_str).unwrap_or_default())
+    }
+
+    fn sources(&self) -> &[String] {
+        &self.paths[..self.paths.len().saturating_sub(1)]
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A .torrent file or a magnet link.
-    #[arg(value_name = "TORRENT|MAGNET")]
-    pub source: String,
-    /// An existing empty directory.
-    pub mountpoint: PathBuf,
+    /// Each SOURCE is a .torrent file, a magnet link, or a directory of .torrent files (watched:
+    /// files added there appear in the mount, files removed disappear); the last argument is
+    /// the mountpoint, an existing empty directory. Each torrent shows at the root under its
+    /// name. More are added at runtime by copying a .torrent (or writing a magnet link) into
+    /// MOUNTPOINT/.swarmfs/add/, and removed with rm MOUNTPOINT/.swarmfs/torrents/NAME.
+    #[arg(value_name = "SOURCE... MOUNTPOINT", num_args = 2.., required = true)]
+    pub paths: Vec<String>,
     /// Stay in the foreground (default: return once mounted and serve in the background).
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Memory for verified pieces (an LRU cache).
+    /// Memory for verified pieces (an LRU cache), shared by all the mount's torrents: those
+    /// being read split it.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = size_arg)]
     pub cache_size: u64,
     /// Also write verified pieces to DIR/<name>, so the mount doubles as a download; a later
@@ -124,8 +148,9 @@ fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 fn mount_options(args: &Args) -> anyhow::Result<(Vec<MountOption>, SessionACL)> {
+    // Not the kernel's read-only flag: it would refuse the control directory's writes before
+    // they reach us; `fs.rs` answers every other write with EROFS itself.
     let mut opts = vec![
-        MountOption::RO,
         MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::FSName("swarmfs".into()),
@@ -174,8 +199,17 @@ fn default_log_file(name: &str) -> PathBuf {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let source = Source::parse(&args.source)?;
-    check_mountpoint(&args.mountpoint)?;
+    let mut sources = Vec::new();
+    for text in args.sources() {
+        let path = Path::new(text);
+        if !common::is_magnet(text) && path.is_dir() {
+            sources.push(MountSource::Dir(path.to_path_buf()));
+        } else {
+            sources.push(MountSource::One(Source::parse(text)?));
+        }
+    }
+    let mountpoint = args.mountpoint();
+    check_mountpoint(&mountpoint)?;
     let (options, acl) = mount_options(&args)?;
     let mut cfg = TorrentConfig {
         data_dir: args.data_dir.clone(),
@@ -186,35 +220,46 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..TorrentConfig::default()
     };
     args.swarm.apply(&mut cfg)?;
-    // A magnet's name is known only after its metadata: its data dir is locked then.
-    let _lock = match (&args.data_dir, &source) {
-        (Some(d), Source::Torrent(meta)) => Some(lock_data_dir(d, &meta.info.name)?),
-        _ => None,
-    };
+    // A second mount of the same content in one data dir fails here, in the foreground.
+    if let Some(d) = &args.data_dir {
+        for s in &sources {
+            if let MountSource::One(Source::Torrent(meta)) = s {
+                drop(lock_data_dir(d, &meta.info.name)?);
+            }
+        }
+    }
 
     // Background mode forks before any thread exists (the tokio runtime comes after).
     let notify = if args.foreground {
         None
     } else {
+        let hint = match sources.first() {
+            Some(MountSource::One(s)) => s.name_hint(),
+            Some(MountSource::Dir(d)) => d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "library".into()),
+            None => "swarmfs".into(),
+        };
         let log_file = args
             .log_file
             .clone()
-            .unwrap_or_else(|| default_log_file(&source.name_hint()));
+            .unwrap_or_else(|| default_log_file(&hint));
         Some(daemonize(&log_file)?)
     };
-    let result = serve(args, source, cfg, options, acl, notify);
+    let result = serve(args, sources, cfg, options, acl, notify);
     if let Err(e) = &result {
         log::error!("{e:#}");
     }
     result
 }
 
-/// Serves the mount; `notify` (background mode) hears `status` lines while a magnet's metadata
-/// is fetched, then "ok" once the mount is live, or the error.
+/// Serves the mount; `notify` (background mode) hears `status` lines while a lone magnet's
+/// metadata is fetched, then "ok" once the mount is live, or the error.
 fn serve(
     args: Args,
-    source: Source,
-    mut cfg: TorrentConfig,
+    sources: Vec<MountSource>,
+    cfg: TorrentConfig,
     options: Vec<MountOption>,
     acl: SessionACL,
     mut notify: Option<std::fs::File>,
@@ -225,67 +270,105 @@ fn serve(
         }
         e
     };
+    let mountpoint = args.mountpoint();
     let rt = tokio::runtime::Runtime::new()?;
     let status = notify.as_ref();
+    let library = SharedLibrary::default();
+    let lone = sources.len() == 1;
     let started = rt.block_on(async {
         let listener = bind_listener(args.swarm.listen).await?;
-        let session = Session::start(listener, args.swarm.session_config())?;
+        let session = Arc::new(Session::start(listener, args.swarm.session_config())?);
+        let librarian = Librarian::new(
+            session.clone(),
+            library.clone(),
+            cfg,
+            args.swarm.clone(),
+            args.metadata.clone(),
+            args.data_dir.clone(),
+        );
         let started = async {
-            let on_progress = |p: &FetchProgress| match status {
-                Some(mut n) => {
-                    let _ = writeln!(n, "{STATUS_PREFIX}{}", common::fetch_progress_line(p));
+            let mut names = Vec::new();
+            for source in sources {
+                match source {
+                    MountSource::One(Source::Torrent(meta)) => {
+                        if let Added::Mounted(n) = librarian.add_meta(meta, Vec::new()).await? {
+                            names.push(n);
+                        }
+                    }
+                    // A lone magnet: the mount returns once its files are visible, or fails.
+                    MountSource::One(source @ Source::Magnet(_)) if lone => {
+                        let on_progress = |p: &FetchProgress| match status {
+                            Some(mut n) => {
+                                let _ = writeln!(
+                                    n,
+                                    "{STATUS_PREFIX}{}",
+                                    common::fetch_progress_line(p)
+                                );
+                            }
+                            None if common::is_terminal() => {
+                                eprint!("\r{}", common::fetch_progress_line(p));
+                            }
+                            None => {}
+                        };
+                        let resolved = common::resolve(
+                            &session,
+                            &source,
+                            &args.swarm,
+                            &args.metadata,
+                            args.data_dir.as_deref(),
+                            on_progress,
+                        )
+                        .await;
+                        if status.is_none() && common::is_terminal() {
+                            eprintln!();
+                        }
+                        let resolved = resolved?;
+                        let added = librarian
+                            .add_meta(resolved.meta, resolved.found_peers)
+                            .await?;
+                        if let Added::Mounted(n) = added {
+                            names.push(n);
+                        }
+                    }
+                    // Among others, a magnet shows up once its metadata is known.
+                    MountSource::One(source) => {
+                        let l = librarian.clone();
+                        tokio::spawn(async move {
+                            let hint = source.name_hint();
+                            if let Err(e) = l.add_source(source).await {
+                                l.note(format!("error: {hint}: {e:#}"));
+                            }
+                        });
+                    }
+                    MountSource::Dir(dir) => librarian.watch_dir(dir).await,
                 }
-                None if common::is_terminal() => {
-                    eprint!("\r{}", common::fetch_progress_line(p));
-                }
-                None => {}
-            };
-            let resolved = common::resolve(
-                &session,
-                &source,
-                &args.swarm,
-                &args.metadata,
-                args.data_dir.as_deref(),
-                on_progress,
-            )
-            .await;
-            if status.is_none() && common::is_terminal() && matches!(source, Source::Magnet(_)) {
-                eprintln!();
             }
-            let resolved = resolved?;
-            let meta = resolved.meta;
-            let lock = match (&args.data_dir, &source) {
-                (Some(d), Source::Magnet(_)) => Some(lock_data_dir(d, &meta.info.name)?),
-                _ => None,
-            };
-            cfg.found_peers = resolved.found_peers;
-            let progress = common::verify_progress(meta.info.lengths.piece_count());
-            let t = session.add_torrent(meta, cfg, progress).await?;
-            anyhow::Ok((t, lock))
+            librarian.spawn_rebalancer();
+            anyhow::Ok(names)
         };
         match started.await {
-            Ok((t, lock)) => Ok((session, t, lock)),
+            Ok(names) => Ok((session, librarian, names)),
             Err(e) => {
                 session.shutdown().await;
                 Err(e)
             }
         }
     });
-    let (session, torrent, _lock) = match started {
+    let (session, librarian, names) = match started {
         Ok(x) => x,
         Err(e) => return Err(fail(&mut notify, e)),
     };
     log::info!("listening on {}", session.listen_addr);
-    let fs = TorrentFs::new(torrent.clone(), rt.handle().clone());
+    let fs = LibraryFs::new(library, Arc::new(librarian), rt.handle().clone());
     let open_files = fs.open_files.clone();
     let mut config = fuser::Config::default();
     config.mount_options = options;
     config.acl = acl;
-    let mut fuse_session = match fuser::Session::new(fs, &args.mountpoint, &config) {
+    let mut fuse_session = match fuser::Session::new(fs, &mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
             rt.block_on(session.shutdown());
-            let e = anyhow::anyhow!("cannot mount on {}: {e}", args.mountpoint.display());
+            let e = anyhow::anyhow!("cannot mount on {}: {e}", mountpoint.display());
             return Err(fail(&mut notify, e));
         }
     };
@@ -303,12 +386,16 @@ fn serve(
         }
         None => println!(
             "mounted {} at {} (listening on {})",
-            torrent.meta.info.name,
-            args.mountpoint.display(),
+            if names.is_empty() {
+                "nothing yet".to_string()
+            } else {
+                names.join(", ")
+            },
+            mountpoint.display(),
             session.listen_addr
         ),
     }
-    raise_readahead(&args.mountpoint);
+    raise_readahead(&mountpoint);
 
     rt.block_on(async {
         let mut done_rx = done_rx;
@@ -327,7 +414,7 @@ fn serve(
                     log::warn!("unmount: {e}; detaching lazily");
                     let _ = std::process::Command::new("fusermount3")
                         .arg("-uz")
-                        .arg(&args.mountpoint)
+                        .arg(&mountpoint)
                         .status();
                 }
                 if open_files.load(Ordering::SeqCst) == 0 {
@@ -420,7 +507,7 @@ fn daemonize(log_file: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// A lock file in the data dir refuses a second mount of the same content.
-fn lock_data_dir(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+pub fn lock_data_dir(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!(".{name}.swarmfs-lock"));
     let f = std::fs::OpenOptions::new()

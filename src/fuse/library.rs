@@ -288,6 +288,15 @@ impl<T> Library<T> {
         })
     }
 
+    /// Whether `ino` is a directory of the mount.
+    pub fn is_dir(&self, ino: u64) -> bool {
+        match Ino::decode(ino) {
+            Some(Ino::Root | Ino::ControlDir | Ino::AddDir | Ino::TorrentsDir) => true,
+            Some(Ino::Node { .. }) => self.node(ino).is_some_and(|(_, _, n)| n.is_dir()),
+            _ => false,
+        }
+    }
+
     /// The child `name` of directory `parent`: its global ino.
     pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
         match Ino::decode(parent)? {
@@ -382,7 +391,9 @@ impl<T> Library<T> {
                 .collect(),
             Ino::Node { .. } => {
                 let (slot, shelf, node) = self.node(ino)?;
-                let entries = shelf.inodes.readdir(node.ino, 2 + skip as u64)?;
+                let entries = shelf
+                    .inodes
+                    .readdir(node.ino, (skip as u64).saturating_add(2))?;
                 return Some(
                     entries
                         .map(|e| Listed {

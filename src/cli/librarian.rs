@@ -1,0 +1,384 @@
+//! The mount's librarian: puts torrents on the library's shelves and takes them off, whether they
+//! come from the command line, a file dropped into `.swarmfs/add/`, or a watched directory of
+//! .torrent files, and shares the one cache budget among them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::common::{self, MetadataArgs, Source, SwarmArgs};
+use crate::core::magnet::Magnet;
+use crate::core::metainfo::Metainfo;
+use crate::engine::session::Session;
+use crate::engine::torrent::TorrentConfig;
+use crate::engine::PeerSource;
+use crate::fuse::fs::{read_library, write_library, Control, Done, SharedLibrary, Shelved};
+use crate::fuse::inode::InodeTable;
+use crate::fuse::library::LibraryError;
+
+/// How often a watched directory is looked at again.
+pub const DIR_POLL: Duration = Duration::from_secs(2);
+/// How often the cache budget is shared out again.
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+/// A torrent counts as read for this long after its last read (or while a file is open).
+const READ_RECENTLY: Duration = Duration::from_secs(10);
+
+/// What adding a torrent came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Added {
+    Mounted(String),
+    AlreadyMounted(String),
+}
+
+pub struct Inner {
+    session: Arc<Session>,
+    library: SharedLibrary,
+    /// The configuration each torrent starts with (`cache_size` is the whole budget).
+    cfg: TorrentConfig,
+    swarm: SwarmArgs,
+    metadata: MetadataArgs,
+    data_dir: Option<PathBuf>,
+    /// Data-dir locks of the mounted torrents, by info-hash.
+    locks: Mutex<HashMap<[u8; 20], std::fs::File>>,
+    /// Each torrent's current share of the cache budget.
+    shares: Mutex<HashMap<[u8; 20], u64>>,
+    /// Control requests come from the FUSE thread: their work is spawned here.
+    runtime: tokio::runtime::Handle,
+}
+
+#[derive(Clone)]
+pub struct Librarian(Arc<Inner>);
+
+impl Librarian {
+    /// Call from within the runtime.
+    pub fn new(
+        session: Arc<Session>,
+        library: SharedLibrary,
+        cfg: TorrentConfig,
+        swarm: SwarmArgs,
+        metadata: MetadataArgs,
+        data_dir: Option<PathBuf>,
+    ) -> Librarian {
+        Librarian(Arc::new(Inner {
+            session,
+            library,
+            cfg,
+            swarm,
+            metadata,
+            data_dir,
+            locks: Mutex::default(),
+            shares: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    /// Starts a torrent and puts it on the shelf; an info-hash already mounted changes nothing.
+    pub async fn add_meta(
+        &self,
+        meta: Arc<Metainfo>,
+        found_peers: Vec<(std::net::SocketAddr, PeerSource)>,
+    ) -> anyhow::Result<Added> {
+        let me = &self.0;
+        let hash = meta.info_hash.0;
+        if let Some(slot) = read_library(&me.library).slot_of(&hash) {
+            let name = read_library(&me.library)
+                .shelf(slot)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            return Ok(Added::AlreadyMounted(name));
+        }
+        let lock = match &me.data_dir {
+            Some(d) => Some(crate::cli::mount::lock_data_dir(d, &meta.info.name)?),
+            None => None,
+        };
+        let inodes = {
+            let info = meta.clone();
+            tokio::task::spawn_blocking(move || InodeTable::new(&info.info)).await?
+        };
+        let mut cfg = me.cfg.clone();
+        cfg.found_peers = found_peers;
+        let progress = common::verify_progress(meta.info.lengths.piece_count());
+        let torrent = match me.session.torrent(meta.info_hash) {
+            // Added meanwhile by another request: that one puts it on the shelf.
+            Some(_) => return Ok(Added::AlreadyMounted(meta.info.name.clone())),
+            None => me.session.add_torrent(meta, cfg, progress).await?,
+        };
+        let inserted = write_library(&me.library).insert(hash, inodes, torrent.clone());
+        match inserted {
+            Ok(slot) => {
+                if let Some(l) = lock {
+                    lock_map(&me.locks).insert(hash, l);
+                }
+                self.rebalance();
+                let name = read_library(&me.library)
+                    .shelf(slot)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                log::info!("mounted {name} ({})", torrent.info_hash);
+                Ok(Added::Mounted(name))
+            }
+            Err(LibraryError::AlreadyMounted(name)) => {
+                me.session.remove_torrent(torrent.info_hash).await;
+                Ok(Added::AlreadyMounted(name))
+            }
+            Err(e) => {
+                me.session.remove_torrent(torrent.info_hash).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Resolves a source (fetching a magnet's metadata, listed in `status` meanwhile) and adds it.
+    pub async fn add_source(&self, source: Source) -> anyhow::Result<Added> {
+        let me = &self.0;
+        let magnet = match source {
+            Source::Torrent(meta) => return self.add_meta(meta, Vec::new()).await,
+            Source::Magnet(m) => m,
+        };
+        let hash = magnet.info_hash.0;
+        if let Some(slot) = read_library(&me.library).slot_of(&hash) {
+            let name = read_library(&me.library)
+                .shelf(slot)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            return Ok(Added::AlreadyMounted(name));
+        }
+        let label = magnet_label(&magnet);
+        write_library(&me.library).set_fetching(hash, format!("{label}: metadata"));
+        let library = me.library.clone();
+        let on_progress = |p: &crate::engine::metadata::FetchProgress| {
+            write_library(&library)
+                .set_fetching(hash, format!("{label}: {}", common::fetch_progress_line(p)));
+        };
+        let source = Source::Magnet(magnet.clone());
+        let resolved = common::resolve(
+            &me.session,
+            &source,
+            &me.swarm,
+            &me.metadata,
+            me.data_dir.as_deref(),
+            on_progress,
+        )
+        .await;
+        let added = match resolved {
+            Ok(r) => self.add_meta(r.meta, r.found_peers).await,
+            Err(e) => Err(e),
+        };
+        write_library(&me.library).clear_fetching(&hash);
+        added
+    }
+
+    /// Takes a torrent off the shelves (if it still is) and stops it; data under `-d` stays.
+    pub async fn remove(&self, torrent: Shelved) {
+        let me = &self.0;
+        let hash = torrent.info_hash.0;
+        {
+            let mut lib = write_library(&me.library);
+            if let Some(slot) = lib.slot_of(&hash) {
+                lib.remove(slot);
+            }
+        }
+        me.session.remove_torrent(torrent.info_hash).await;
+        lock_map(&me.locks).remove(&hash);
+        lock_map(&me.shares).remove(&hash);
+        log::info!("removed {} ({})", torrent.name(), torrent.info_hash);
+        self.rebalance();
+    }
+
+    /// Shares `--cache-size` out: torrents being read split it, the others get nothing (their
+    /// pieces give way to the readers'); when nobody reads, everyone gets an equal share.
+    pub fn rebalance(&self) {
+        let me = &self.0;
+        let torrents: Vec<Shelved> = read_library(&me.library)
+            .shelves()
+            .map(|(_, s)| s.item.clone())
+            .collect();
+        if torrents.is_empty() {
+            return;
+        }
+        let read: Vec<bool> = torrents
+            .iter()
+            .map(|t| t.is_being_read(READ_RECENTLY))
+            .collect();
+        let readers = read.iter().filter(|&&r| r).count();
+        let total = me.cfg.cache_size;
+        let mut shares = lock_map(&me.shares);
+        for (t, being_read) in torrents.iter().zip(read) {
+            let share = match readers {
+                0 => total / torrents.len() as u64,
+                n if being_read => total / n as u64,
+                _ => 0,
+            };
+            if shares.insert(t.info_hash.0, share) != Some(share) {
+                log::debug!("{}: cache share {share}", t.name());
+                t.set_cache_budget(share);
+            }
+        }
+    }
+
+    /// Shares the cache out again every second, until the session ends.
+    pub fn spawn_rebalancer(&self) {
+        let me = self.clone();
+        self.0.runtime.spawn(async move {
+            let mut every = tokio::time::interval(REBALANCE_EVERY);
+            loop {
+                every.tick().await;
+                me.rebalance();
+            }
+        });
+    }
+
+    /// Watches `dir`: its .torrent files are mounted, and a file removed takes its torrent with
+    /// it. The first look is done before this returns.
+    pub async fn watch_dir(&self, dir: PathBuf) {
+        let mut seen: HashMap<PathBuf, Option<[u8; 20]>> = HashMap::new();
+        self.look_at_dir(&dir, &mut seen).await;
+        let me = self.clone();
+        self.0.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(DIR_POLL).await;
+                me.look_at_dir(&dir, &mut seen).await;
+            }
+        });
+    }
+
+    async fn look_at_dir(&self, dir: &Path, seen: &mut HashMap<PathBuf, Option<[u8; 20]>>) {
+        let now: HashSet<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "torrent") && p.is_file())
+                .collect(),
+            Err(e) => {
+                log::warn!("cannot read {}: {e}", dir.display());
+                return;
+            }
+        };
+        let gone: Vec<PathBuf> = seen.keys().filter(|p| !now.contains(*p)).cloned().collect();
+        for path in gone {
+            let Some(Some(hash)) = seen.remove(&path) else {
+                continue;
+            };
+            let torrent = {
+                let lib = read_library(&self.0.library);
+                lib.slot_of(&hash)
+                    .and_then(|s| lib.shelf(s))
+                    .map(|s| s.item.clone())
+            };
+            if let Some(t) = torrent {
+                self.remove(t).await;
+            }
+        }
+        let mut new: Vec<PathBuf> = now.into_iter().filter(|p| !seen.contains_key(p)).collect();
+        new.sort();
+        for path in new {
+            let added = match common::load_torrent(&path) {
+                Ok(meta) => {
+                    let hash = meta.info_hash.0;
+                    self.add_meta(meta, Vec::new()).await.map(|a| (hash, a))
+                }
+                Err(e) => Err(e),
+            };
+            match added {
+                Ok((hash, Added::Mounted(_))) => {
+                    seen.insert(path, Some(hash));
+                }
+                Ok((_, Added::AlreadyMounted(name))) => {
+                    self.note(format!("{}: already mounted as {name}", path.display()));
+                    seen.insert(path, None);
+                }
+                Err(e) => {
+                    self.note(format!("error: {}: {e:#}", path.display()));
+                    seen.insert(path, None);
+                }
+            }
+        }
+    }
+
+    pub fn note(&self, line: String) {
+        log::warn!("{line}");
+        write_library(&self.0.library).note(line);
+    }
+}
+
+fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn magnet_label(m: &Magnet) -> String {
+    match &m.display_name {
+        Some(n) => format!("{n} ({})", m.info_hash),
+        None => m.info_hash.to_hex(),
+    }
+}
+
+/// What a file written into `add/` holds: a magnet link, or a .torrent.
+fn parse_added(bytes: &[u8]) -> anyhow::Result<Source> {
+    let text = std::str::from_utf8(bytes).ok().map(str::trim);
+    if let Some(link) = text.filter(|t| common::is_magnet(t)) {
+        let magnet = Magnet::parse(link).context("bad magnet link")?;
+        return Ok(Source::Magnet(magnet));
+    }
+    let meta = Metainfo::from_bytes(bytes).context("not a valid torrent or magnet link")?;
+    Ok(Source::Torrent(Arc::new(meta)))
+}
+
+impl Control for Librarian {
+    fn add(&self, name: String, bytes: Vec<u8>, done: Done) {
+        let source = match parse_added(&bytes) {
+            Ok(s) => s,
+            Err(e) => return done(Err(format!("{e:#}"))),
+        };
+        let me = self.clone();
+        let is_magnet = matches!(source, Source::Magnet(_));
+        // A magnet's close does not wait for its metadata: `status` lists it until then.
+        let mut done = Some(done);
+        if is_magnet {
+            if let Some(d) = done.take() {
+                d(Ok(()));
+            }
+        }
+        self.0.runtime.clone().spawn(async move {
+            let result = match me.add_source(source).await {
+                Ok(Added::Mounted(_)) => Ok(()),
+                Ok(Added::AlreadyMounted(as_name)) => {
+                    me.note(format!("add/{name}: already mounted as {as_name}"));
+                    Ok(())
+                }
+                Err(e) => Err(format!("{e:#}")),
+            };
+            match (done, result) {
+                (Some(d), r) => d(r),
+                (None, Err(e)) => me.note(format!("error: add/{name}: {e}")),
+                (None, Ok(())) => {}
+            }
+        });
+    }
+
+    fn remove(&self, torrent: Shelved, done: Done) {
+        let me = self.clone();
+        self.0.runtime.clone().spawn(async move {
+            me.remove(torrent).await;
+            done(Ok(()));
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_files_are_magnets_or_torrents_and_nothing_else() {
+        let link = format!("magnet:?xt=urn:btih:{}\n", "ab".repeat(20));
+        assert!(matches!(
+            parse_added(link.as_bytes()),
+            Ok(Source::Magnet(_))
+        ));
+        assert!(parse_added(b"magnet:?xt=urn:btih:nothex").is_err());
+        assert!(parse_added(b"hello").is_err());
+        assert!(parse_added(b"").is_err());
+    }
+}

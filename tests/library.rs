@@ -1,0 +1,286 @@
+//! One mount, many torrents (issue 10): sources side by side at the root, a watched directory,
+//! torrents added and removed at runtime through `.swarmfs/`, and EROFS for every other write.
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Watchdog for anything that waits on the mount (not a timing claim).
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+struct Seeded {
+    torrent: PathBuf,
+    src: PathBuf,
+    addr: std::net::SocketAddr,
+    info_hash: String,
+    _seed: Proc,
+}
+
+/// A torrent of `name` (a directory of two files, or one file when `single`), seeded.
+fn seeded(tmp: &Path, name: &str, single: bool, len: usize, seed: u64) -> Seeded {
+    let base = tmp.join(format!("src-{name}"));
+    let src = base.join(name);
+    if single {
+        write_file(&src, len, seed);
+    } else {
+        write_file(&src.join("a.bin"), len, seed);
+        write_file(&src.join("sub/b.txt"), 3000, seed + 1);
+    }
+    let torrent = tmp.join(format!("{name}.torrent"));
+    create_torrent(&src, &torrent, &[]);
+    let json = run_ok(Command::new(bin()).arg("info").arg("--json").arg(&torrent));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let info_hash = v["info_hash"].as_str().unwrap().to_string();
+    let (seed, addr) = seeder(&base, &torrent, &tmp.join(format!("seed-{name}.log")), &[]);
+    Seeded {
+        torrent,
+        src,
+        addr,
+        info_hash,
+        _seed: seed,
+    }
+}
+
+fn visible_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits (watchdog) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool + Send + 'static) {
+    with_watchdog(WATCHDOG, what, move || {
+        while !f() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+fn same_tree(mounted: &Path, original: &Path) {
+    let m = mounted.to_path_buf();
+    let o = original.to_path_buf();
+    with_watchdog(WATCHDOG, "reading a tree through the mount", move || {
+        if o.is_file() {
+            assert_eq!(sha256_file(&m), sha256_file(&o), "{}", m.display());
+        } else {
+            assert_same_tree(&m, &o);
+        }
+    });
+}
+
+fn status(mnt: &Path) -> String {
+    std::fs::read_to_string(mnt.join(".swarmfs/status")).unwrap()
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn a_library_of_torrents_grows_and_shrinks_at_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let alpha = seeded(t, "alpha", false, 300_000, 1);
+    let beta = seeded(t, "beta.bin", true, 200_000, 2);
+    let gamma = seeded(t, "gamma", false, 100_000, 3);
+    let delta = seeded(t, "delta", true, 4 << 20, 4);
+    let eps = seeded(t, "eps", false, 150_000, 5);
+    let zeta = seeded(t, "zeta", true, 50_000, 6);
+    // A watched directory holding gamma's torrent.
+    let watched = t.join("watched");
+    std::fs::create_dir_all(&watched).unwrap();
+    std::fs::copy(&gamma.torrent, watched.join("gamma.torrent")).unwrap();
+
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount")
+        .arg("-f")
+        .arg(&alpha.torrent)
+        .arg(&beta.torrent)
+        .arg(&watched)
+        .arg(&mnt)
+        .args(["--listen", "127.0.0.1:0", "--no-dht"])
+        .env("RUST_LOG", "swarmfs=info");
+    for s in [&alpha, &beta, &gamma, &delta, &zeta] {
+        cmd.args(["--peer", &s.addr.to_string()]);
+    }
+    let mut mount = Proc::spawn("mount", &mut cmd, &t.join("mount.log"));
+    mount.wait_line("mounted ", WATCHDOG);
+    let _guard = Unmount(mnt.clone());
+
+    // Three sources, side by side, each under its name; the control directory is hidden.
+    assert_eq!(visible_names(&mnt), ["alpha", "beta.bin", "gamma"]);
+    assert!(mnt.join(".swarmfs/add").is_dir());
+    same_tree(&mnt.join("alpha"), &alpha.src);
+    same_tree(&mnt.join("beta.bin"), &beta.src);
+    same_tree(&mnt.join("gamma"), &gamma.src);
+
+    // Added by copying its .torrent into add/: there when cp returns.
+    run_ok(
+        Command::new("cp")
+            .arg(&delta.torrent)
+            .arg(mnt.join(".swarmfs/add/")),
+    );
+    assert_eq!(visible_names(&mnt), ["alpha", "beta.bin", "delta", "gamma"]);
+    // Added by writing a magnet link there: there once its metadata is fetched.
+    let link = format!("magnet:?xt=urn:btih:{}&x.pe={}\n", eps.info_hash, eps.addr);
+    std::fs::write(mnt.join(".swarmfs/add/eps-link"), link).unwrap();
+    let m = mnt.clone();
+    eventually("the magnet's files to appear", move || {
+        m.join("eps").exists()
+    });
+    same_tree(&mnt.join("eps"), &eps.src);
+    // An info-hash already mounted changes nothing, and says so.
+    run_ok(
+        Command::new("cp")
+            .arg(&alpha.torrent)
+            .arg(mnt.join(".swarmfs/add/again.torrent")),
+    );
+    assert!(
+        status(&mnt).contains("already mounted as alpha"),
+        "{}",
+        status(&mnt)
+    );
+
+    // A bad .torrent: the close fails with EINVAL, status has the error, nothing else changes.
+    let bad = t.join("bad.torrent");
+    std::fs::write(&bad, b"d4:infod4:name3:badee").unwrap();
+    let out = Command::new("cp")
+        .arg(&bad)
+        .arg(mnt.join(".swarmfs/add/"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Invalid argument"), "{stderr}");
+    let st = status(&mnt);
+    assert!(st.contains("error: add/bad.torrent"), "{st}");
+    assert_eq!(
+        visible_names(&mnt),
+        ["alpha", "beta.bin", "delta", "eps", "gamma"]
+    );
+    for name in ["alpha", "beta.bin", "delta", "eps", "gamma"] {
+        assert!(st.lines().any(|l| l.starts_with(name)), "{name}: {st}");
+    }
+    assert!(st.contains("total (5 torrents)"), "{st}");
+    // torrents/ holds one entry per torrent: its magnet link.
+    let entry = std::fs::read_to_string(mnt.join(".swarmfs/torrents/delta")).unwrap();
+    assert!(entry.starts_with("magnet:?xt=urn:btih:"), "{entry}");
+    assert!(entry.contains(&delta.info_hash), "{entry}");
+
+    // Every other write is EROFS.
+    let erofs = Some(libc::EROFS);
+    assert_eq!(errno(std::fs::write(mnt.join("new"), b"x")), erofs);
+    assert_eq!(errno(std::fs::create_dir(mnt.join("alpha/d"))), erofs);
+    assert_eq!(errno(std::fs::remove_file(mnt.join("alpha/a.bin"))), erofs);
+    assert_eq!(
+        errno(std::fs::rename(
+            mnt.join("alpha/a.bin"),
+            mnt.join("alpha/c")
+        )),
+        erofs
+    );
+    assert_eq!(
+        errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(mnt.join("beta.bin"))
+        ),
+        erofs
+    );
+    assert_eq!(errno(std::fs::remove_dir(mnt.join("gamma/sub"))), erofs);
+
+    // A torrent removed while one of its files is open: its reads fail with EIO, the handle
+    // stays valid until closed.
+    let open = std::fs::File::open(mnt.join("delta")).unwrap();
+    let mut head = [0u8; 4096];
+    open.read_exact_at(&mut head, 0).unwrap();
+    std::fs::remove_file(mnt.join(".swarmfs/torrents/delta")).unwrap();
+    let mut far = [0u8; 4096];
+    assert_eq!(
+        open.read_exact_at(&mut far, 3 << 20)
+            .err()
+            .and_then(|e| e.raw_os_error()),
+        Some(libc::EIO)
+    );
+    drop(open);
+    assert!(!mnt.join(".swarmfs/torrents/delta").exists());
+    let m = mnt.clone();
+    eventually("delta to leave the root", move || {
+        !visible_names(&m).contains(&"delta".to_string())
+    });
+
+    // The watched directory: a new .torrent appears, a removed one takes its torrent along.
+    std::fs::copy(&zeta.torrent, watched.join("zeta.torrent")).unwrap();
+    std::fs::remove_file(watched.join("gamma.torrent")).unwrap();
+    let m = mnt.clone();
+    eventually("zeta in, gamma out", move || {
+        visible_names(&m) == ["alpha", "beta.bin", "eps", "zeta"]
+    });
+    same_tree(&mnt.join("zeta"), &zeta.src);
+
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}
+
+/// Lazily unmounts on drop, if a failed assertion left the mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.0) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+        }
+    }
+}
+
+#[test]
+fn two_torrents_of_one_name_are_told_apart_and_a_write_elsewhere_is_erofs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let one = seeded(&t.join("1"), "same.bin", true, 40_000, 7);
+    let two = seeded(&t.join("2"), "same.bin", true, 50_000, 8);
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut mount = Proc::spawn(
+        "mount",
+        Command::new(bin())
+            .arg("mount")
+            .arg("-f")
+            .arg(&one.torrent)
+            .arg(&two.torrent)
+            .arg(&mnt)
+            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(["--peer", &one.addr.to_string()])
+            .args(["--peer", &two.addr.to_string()])
+            .env("RUST_LOG", "swarmfs=info"),
+        &t.join("mount.log"),
+    );
+    mount.wait_line("mounted ", WATCHDOG);
+    let _guard = Unmount(mnt.clone());
+    let tagged = format!("same-{}.bin", &two.info_hash[..8]);
+    let mut both = vec!["same.bin".to_string(), tagged.clone()];
+    both.sort();
+    assert_eq!(visible_names(&mnt), both);
+    same_tree(&mnt.join("same.bin"), &one.src);
+    same_tree(&mnt.join(&tagged), &two.src);
+    assert_eq!(
+        errno(std::fs::write(mnt.join(".swarmfs/status"), b"x")),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::write(mnt.join(".swarmfs/torrents/x"), b"x")),
+        Some(libc::EROFS)
+    );
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}
