@@ -21,8 +21,14 @@ enum Command {
     Create(cli::create::Args),
     /// Show what a .torrent or magnet link holds.
     Info(cli::info::Args),
-    /// Mount a torrent as a read-only directory (returns once mounted).
+    /// Mount torrents as a read-only directory (returns once mounted).
     Mount(cli::mount::Args),
+    /// Add torrents, magnet links or watched directories to a running mount.
+    Add(cli::control::AddArgs),
+    /// Remove a torrent from a running mount (by its name at the mount's root).
+    Remove(cli::control::RemoveArgs),
+    /// Show the torrents of a running mount (or of every mount): size, verified, peers, rates.
+    Status(cli::control::StatusArgs),
     /// Seed a torrent from its data, or make a torrent of a path and seed it.
     Seed(cli::seed::Args),
     /// Download a torrent into a directory, then exit.
@@ -56,6 +62,9 @@ fn main() {
         Command::Create(a) => cli::create::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Mount(a) => cli::mount::run(a),
+        Command::Add(a) => cli::control::run_add(a),
+        Command::Remove(a) => cli::control::run_remove(a),
+        Command::Status(a) => cli::control::run_status(a),
         Command::Seed(a) => cli::seed::run(a),
         Command::Download(a) => cli::download::run(a),
         Command::Tracker(a) => cli::tracker::run(a),

@@ -284,3 +284,100 @@ fn two_torrents_of_one_name_are_told_apart_and_a_write_elsewhere_is_erofs() {
     run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
 }
+
+#[test]
+fn swarmfs_add_remove_and_status_talk_to_the_mount_and_refuse_other_users() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let one = seeded(t, "one", false, 100_000, 9);
+    let two = seeded(t, "two.bin", true, 120_000, 10);
+    // The sockets' directory: reachable by anyone, so only the uid check can refuse `nobody`.
+    let runtime = t.join("run");
+    std::fs::create_dir_all(&runtime).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for d in [t, runtime.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut mount = Proc::spawn(
+        "mount",
+        Command::new(bin())
+            .arg("mount")
+            .arg("-f")
+            .arg(&one.torrent)
+            .arg(&mnt)
+            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(["--peer", &one.addr.to_string()])
+            .args(["--peer", &two.addr.to_string()])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("RUST_LOG", "swarmfs=info"),
+        &t.join("mount.log"),
+    );
+    mount.wait_line("mounted ", WATCHDOG);
+    let _guard = Unmount(mnt.clone());
+    let swarmfs = |args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(bin());
+        c.args(args).env("XDG_RUNTIME_DIR", &runtime);
+        c
+    };
+    let m = mnt.as_os_str();
+
+    let out = run_ok(&mut swarmfs(&["add".as_ref(), m, two.torrent.as_os_str()]));
+    assert_eq!(out.trim(), "mounted two.bin");
+    assert_eq!(visible_names(&mnt), ["one", "two.bin"]);
+    same_tree(&mnt.join("two.bin"), &two.src);
+    let out = run_ok(&mut swarmfs(&["add".as_ref(), m, two.torrent.as_os_str()]));
+    assert!(out.contains("already mounted as two.bin"), "{out}");
+
+    let status = run_ok(&mut swarmfs(&["status".as_ref(), m]));
+    assert!(status.lines().any(|l| l.starts_with("one ")), "{status}");
+    assert!(
+        status.lines().any(|l| l.starts_with("two.bin ")),
+        "{status}"
+    );
+    assert!(status.contains("total (2 torrents)"), "{status}");
+    // Without a mountpoint: every mount of this user.
+    let all = run_ok(&mut swarmfs(&["status".as_ref()]));
+    assert!(all.contains(&format!("{}:", mnt.display())), "{all}");
+
+    let out = run_ok(&mut swarmfs(&["remove".as_ref(), m, "two.bin".as_ref()]));
+    assert_eq!(out.trim(), "removed two.bin");
+    let mm = mnt.clone();
+    eventually("two.bin to leave the root", move || {
+        visible_names(&mm) == ["one"]
+    });
+    let out = swarmfs(&["remove".as_ref(), m, "nothing".as_ref()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no torrent called \"nothing\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Another user reaches the socket (its directory and the socket let anyone in) and is
+    // refused by uid.
+    let dir = runtime.join("swarmfs");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(bin())
+        .arg("status")
+        .arg(&mnt)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refused: uid 65534"), "{stderr}");
+    assert_eq!(visible_names(&mnt), ["one"]);
+
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}

@@ -188,6 +188,28 @@ impl Librarian {
         self.rebalance();
     }
 
+    /// Removes the torrent called `name` at the root; false if there is none.
+    pub async fn remove_named(&self, name: &str) -> bool {
+        let torrent = {
+            let lib = read_library(&self.0.library);
+            lib.slot_named(name)
+                .and_then(|s| lib.shelf(s))
+                .map(|s| s.item.clone())
+        };
+        match torrent {
+            Some(t) => {
+                self.remove(t).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What `.swarmfs/status` says.
+    pub fn status(&self) -> String {
+        crate::fuse::fs::status_text(&read_library(&self.0.library))
+    }
+
     /// Shares `--cache-size` out: torrents being read split it, the others get nothing (their
     /// pieces give way to the readers'); when nobody reads, everyone gets an equal share.
     pub fn rebalance(&self) {

@@ -1,5 +1,6 @@
 //! Subcommands. Each module holds its clap `Args` and `run(args) -> anyhow::Result<()>`.
 pub mod common;
+pub mod control;
 pub mod create;
 pub mod dht;
 pub mod download;

@@ -359,7 +359,7 @@ fn serve(
         Err(e) => return Err(fail(&mut notify, e)),
     };
     log::info!("listening on {}", session.listen_addr);
-    let fs = LibraryFs::new(library, Arc::new(librarian), rt.handle().clone());
+    let fs = LibraryFs::new(library, Arc::new(librarian.clone()), rt.handle().clone());
     let open_files = fs.open_files.clone();
     let mut config = fuser::Config::default();
     config.mount_options = options;
@@ -370,6 +370,19 @@ fn serve(
             rt.block_on(session.shutdown());
             let e = anyhow::anyhow!("cannot mount on {}: {e}", mountpoint.display());
             return Err(fail(&mut notify, e));
+        }
+    };
+    // The control socket (`swarmfs add/remove/status`), live before the mount command returns.
+    let control = rt.block_on(async { crate::cli::control::bind(&mountpoint) });
+    let socket = match control {
+        Ok((listener, path)) => {
+            let mp = std::fs::canonicalize(&mountpoint).unwrap_or_else(|_| mountpoint.clone());
+            rt.spawn(crate::cli::control::serve(listener, librarian.clone(), mp));
+            Some(path)
+        }
+        Err(e) => {
+            log::warn!("{e:#}; swarmfs add/remove/status will not reach this mount");
+            None
         }
     };
     let mut unmounter = fuse_session.unmount_callable();
@@ -424,6 +437,9 @@ fn serve(
         }
     });
     rt.shutdown_timeout(Duration::from_millis(500));
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
