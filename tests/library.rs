@@ -381,3 +381,61 @@ fn swarmfs_add_remove_and_status_talk_to_the_mount_and_refuse_other_users() {
     run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
 }
+
+/// The counts of `user.swarmfs.peers` (`direct=1 tracker=0 ...`), summed.
+fn connected_peers(top: &Path) -> u64 {
+    let v = run_ok(
+        Command::new("getfattr")
+            .args(["--only-values", "-n", "user.swarmfs.peers"])
+            .arg(top),
+    );
+    v.split_whitespace()
+        .filter(|kv| !kv.starts_with("dht_nodes="))
+        .filter_map(|kv| kv.split('=').nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_idle_torrent_closes_its_connections_and_a_read_wakes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let big = seeded(t, "big.bin", true, 4 << 20, 11);
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let log = t.join("mount.log");
+    let mut mount = Proc::spawn(
+        "mount",
+        Command::new(bin())
+            .arg("mount")
+            .arg("-f")
+            .arg(&big.torrent)
+            .arg(&mnt)
+            .args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(["--peer", &big.addr.to_string()])
+            // A cache of 4 pieces: most of the file must come from the swarm after waking.
+            .args(["--idle-timeout", "1", "--cache-size", "1MiB"])
+            .env("RUST_LOG", "swarmfs=info"),
+        &log,
+    );
+    mount.wait_line("mounted ", WATCHDOG);
+    let _guard = Unmount(mnt.clone());
+    let file = mnt.join("big.bin");
+    let mut head = [0u8; 4096];
+    std::fs::File::open(&file)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(&head[..], &std::fs::read(&big.src).unwrap()[..4096]);
+    let f = file.clone();
+    eventually("the idle torrent's connections to close", move || {
+        connected_peers(&f) == 0
+    });
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("big.bin: idle"));
+    same_tree(&file, &big.src);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("big.bin: woken"), "{text}");
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}

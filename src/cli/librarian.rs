@@ -47,6 +47,8 @@ pub struct Inner {
     shares: Mutex<HashMap<[u8; 20], u64>>,
     /// Control requests come from the FUSE thread: their work is spawned here.
     runtime: tokio::runtime::Handle,
+    /// A torrent nobody has read for this long goes idle (`None`: never, as with `--seed`).
+    idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -61,6 +63,7 @@ impl Librarian {
         swarm: SwarmArgs,
         metadata: MetadataArgs,
         data_dir: Option<PathBuf>,
+        idle_timeout: Option<Duration>,
     ) -> Librarian {
         Librarian(Arc::new(Inner {
             session,
@@ -72,6 +75,7 @@ impl Librarian {
             locks: Mutex::default(),
             shares: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
+            idle_timeout,
         }))
     }
 
@@ -241,14 +245,31 @@ impl Librarian {
         }
     }
 
-    /// Shares the cache out again every second, until the session ends.
-    pub fn spawn_rebalancer(&self) {
+    /// Torrents nobody read for `--idle-timeout` go idle (a read wakes them).
+    fn put_idle_to_sleep(&self) {
+        let Some(timeout) = self.0.idle_timeout else {
+            return;
+        };
+        let idle: Vec<Shelved> = read_library(&self.0.library)
+            .shelves()
+            .map(|(_, s)| s.item.clone())
+            .filter(|t| !t.is_asleep() && !t.is_being_read(timeout))
+            .collect();
+        for t in idle {
+            self.0.runtime.spawn(async move { t.sleep().await });
+        }
+    }
+
+    /// Every second, until the session ends: shares the cache out again and puts idle
+    /// torrents to sleep.
+    pub fn spawn_housekeeping(&self) {
         let me = self.clone();
         self.0.runtime.spawn(async move {
             let mut every = tokio::time::interval(REBALANCE_EVERY);
             loop {
                 every.tick().await;
                 me.rebalance();
+                me.put_idle_to_sleep();
             }
         });
     }

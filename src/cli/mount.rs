@@ -63,6 +63,14 @@ pub struct Args {
     /// A read that makes no progress for this many seconds fails with EIO.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub read_timeout: u64,
+    /// A torrent with no open file and no read for this many seconds goes idle: it closes its
+    /// peer connections and stops announcing, keeping its metadata (and data under -d); a read
+    /// wakes it. 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// Keep every torrent connected and seeding, read or not (no idle timeout).
+    #[arg(long)]
+    pub seed: bool,
     /// Largest readahead window of a sequential reader.
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = size_arg)]
     pub readahead: u64,
@@ -285,6 +293,7 @@ fn serve(
             args.swarm.clone(),
             args.metadata.clone(),
             args.data_dir.clone(),
+            (!args.seed && args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         );
         let started = async {
             let mut names = Vec::new();
@@ -343,7 +352,7 @@ fn serve(
                     MountSource::Dir(dir) => librarian.watch_dir(dir).await,
                 }
             }
-            librarian.spawn_rebalancer();
+            librarian.spawn_housekeeping();
             anyhow::Ok(names)
         };
         match started.await {

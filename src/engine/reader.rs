@@ -52,6 +52,10 @@ impl Torrent {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, ReadError> {
+        // An idle torrent wakes for a reader (the wait below allows for the reconnecting).
+        if self.is_asleep() {
+            self.wake();
+        }
         let total = self.lengths.total_length();
         let end = offset.saturating_add(len).min(total);
         if offset >= end {

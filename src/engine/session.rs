@@ -233,7 +233,7 @@ impl Session {
                 .spawn("metadata-dht", Failure::Routine, async move {
                     // Without announcing us: the torrent does that once it starts.
                     let every = METADATA_DHT_RETRY;
-                    feed_dht_peers(dht, info_hash.0, None, every, every, forward).await;
+                    feed_dht_peers(dht, info_hash.0, None, every, every, forward, None).await;
                     Ok::<(), std::convert::Infallible>(())
                 });
         }

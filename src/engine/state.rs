@@ -175,6 +175,8 @@ pub(crate) struct State {
     /// Addresses learned and not yet tried (deduplicated with `known`).
     candidates: VecDeque<SocketAddr>,
     known: LruCache<SocketAddr, PeerSource>,
+    /// Idle (`Torrent::sleep`): no connections in or out until a read wakes the torrent.
+    asleep: bool,
     /// Peers that ever joined, by source.
     joined_by_source: SourceCounts,
     connecting: usize,
@@ -219,6 +221,7 @@ impl State {
             next_peer_key: 1,
             candidates: VecDeque::new(),
             known: bounded(MAX_KNOWN_ADDRS),
+            asleep: false,
             joined_by_source: SourceCounts::default(),
             connecting: 0,
             blame: Blame::new(BLOCK_SIZE as usize, MAX_BANNED, MAX_EVIDENCE_BYTES),
@@ -365,6 +368,9 @@ impl State {
 
     /// The next address to connect to, if there is room for another connection.
     pub fn start_connect(&mut self) -> Option<SocketAddr> {
+        if self.asleep {
+            return None;
+        }
         while self.slots_taken(false) + self.connecting < self.cfg.max_peers
             && self.connecting < MAX_HALF_OPEN
         {
@@ -442,7 +448,8 @@ impl State {
         cancel: CancellationToken,
         now: Instant,
     ) -> Option<(PeerKey, Bitfield)> {
-        if peer_id == self.cfg.our_peer_id
+        if self.asleep
+            || peer_id == self.cfg.our_peer_id
             || self.banned_at(addr.ip(), now)
             || self.banned_ids.contains(&peer_id)
             || self.peers.values().any(|p| p.peer_id == peer_id)
@@ -912,6 +919,11 @@ impl State {
         self.debug_check();
     }
 
+    /// Counts as a read for idleness (a torrent just added has not been idle yet).
+    pub fn touch(&mut self, now: Instant) {
+        self.last_read = Some(now);
+    }
+
     /// Whether a reader has a file open or read within `within` of `now`.
     pub fn is_being_read(&self, now: Instant, within: Duration) -> bool {
         !self.streams.is_empty()
@@ -1207,6 +1219,31 @@ impl State {
         self.read_waiters.len()
     }
 
+    /// Goes idle: every connection is dropped and none is made or let in until `wake`.
+    pub fn sleep(&mut self) {
+        self.asleep = true;
+        self.disconnect_all();
+    }
+
+    /// Leaves idleness: every address known from before is tried again. False if it was awake.
+    pub fn wake(&mut self) -> bool {
+        if !std::mem::replace(&mut self.asleep, false) {
+            return false;
+        }
+        let again: Vec<SocketAddr> = self
+            .known
+            .iter()
+            .map(|(a, _)| *a)
+            .filter(|a| !self.candidates.contains(a) && !self.banned_for_good(a.ip()))
+            .collect();
+        self.candidates.extend(again);
+        true
+    }
+
+    pub fn is_asleep(&self) -> bool {
+        self.asleep
+    }
+
     pub fn disconnect_all(&self) {
         for p in self.peers.values() {
             p.cancel.cancel();
@@ -1293,6 +1330,40 @@ mod tests {
             }
         }
         st.piece_verified(p, Bytes::from(buf.unwrap().data), false);
+    }
+
+    #[test]
+    fn an_idle_torrent_lets_nobody_in_and_dials_its_known_peers_again_on_waking() {
+        let mut st = state(4, 4, "....");
+        let a = SocketAddr::from(([127, 0, 0, 9], 9000));
+        st.add_candidate(a, PeerSource::Tracker);
+        assert_eq!(st.start_connect(), Some(a));
+        st.connect_finished();
+        st.sleep();
+        assert!(st.is_asleep());
+        st.add_candidate(SocketAddr::from(([127, 0, 0, 10], 9000)), PeerSource::Dht);
+        assert_eq!(st.start_connect(), None, "no dialling while asleep");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let joined = st.peer_joined(
+            a,
+            false,
+            [3; 20],
+            tx,
+            CancellationToken::new(),
+            Instant::now(),
+        );
+        assert!(joined.is_none(), "nobody is let in while asleep");
+        assert!(st.wake());
+        assert!(!st.wake(), "waking twice is once");
+        let mut dialled = std::iter::from_fn(|| {
+            let next = st.start_connect();
+            st.connect_finished();
+            next
+        })
+        .collect::<Vec<_>>();
+        dialled.sort();
+        assert_eq!(dialled, [a, SocketAddr::from(([127, 0, 0, 10], 9000))]);
+        let _ = join(&mut st, 2);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::engine::peer;
@@ -25,18 +25,9 @@ impl Torrent {
     /// ticker and the connector on the current runtime.
     pub fn start(self: &Arc<Self>, dht: Option<DhtHandle>) {
         let (peers_tx, peers_rx) = mpsc::unbounded_channel();
-        let (tracker_tx, mut tracker_rx) = mpsc::unbounded_channel();
-        self.start_announcer(tracker_tx);
-        let forward = peers_tx.clone();
-        self.tasks
-            .spawn("tracker-peers", Failure::Routine, async move {
-                while let Some(addr) = tracker_rx.recv().await {
-                    if forward.send((addr, PeerSource::Tracker)).is_err() {
-                        break;
-                    }
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
+        self.start_trackers(peers_tx.clone());
+        // Kept for waking from idleness (trackers start again).
+        *self.discovery_tx() = Some(peers_tx.clone());
         for p in &self.cfg.peers {
             let _ = peers_tx.send((*p, PeerSource::Direct));
         }
@@ -51,10 +42,19 @@ impl Torrent {
                 let (info_hash, port) = (self.info_hash.0, self.listen_port);
                 let interval = self.cfg.dht_announce_interval;
                 let forward = peers_tx.clone();
+                let awake = Some(self.awake_rx());
                 self.tasks
                     .spawn("dht-announce", Failure::Routine, async move {
-                        feed_dht_peers(dht, info_hash, Some(port), interval, DHT_RETRY, forward)
-                            .await;
+                        feed_dht_peers(
+                            dht,
+                            info_hash,
+                            Some(port),
+                            interval,
+                            DHT_RETRY,
+                            forward,
+                            awake,
+                        )
+                        .await;
                         Ok::<(), std::convert::Infallible>(())
                     });
             }
@@ -114,6 +114,24 @@ impl Torrent {
         }
     }
 
+    /// Starts the announcer, whose peers go to `peers_tx` (at start, and on waking).
+    pub(crate) fn start_trackers(
+        self: &Arc<Self>,
+        peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
+    ) {
+        let (tracker_tx, mut tracker_rx) = mpsc::unbounded_channel();
+        self.start_announcer(tracker_tx);
+        self.tasks
+            .spawn("tracker-peers", Failure::Routine, async move {
+                while let Some(addr) = tracker_rx.recv().await {
+                    if peers_tx.send((addr, PeerSource::Tracker)).is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+    }
+
     pub(crate) fn connect_more(self: &Arc<Self>) {
         loop {
             let Some(addr) = self.lock().start_connect() else {
@@ -129,7 +147,8 @@ impl Torrent {
 
 /// Looks `info_hash` up on the DHT (announcing us on `announce_port`, if given) and feeds the
 /// peers found to `peers_tx`, again and again: every `interval`, or every `retry` while no node
-/// answers. Ends when `peers_tx`'s receiver is gone (or the task is cancelled).
+/// answers. While `awake` says false (an idle torrent) it waits, and looks up again as soon as it
+/// turns true. Ends when `peers_tx`'s receiver is gone (or the task is cancelled).
 pub(crate) async fn feed_dht_peers(
     dht: DhtHandle,
     info_hash: [u8; 20],
@@ -137,8 +156,16 @@ pub(crate) async fn feed_dht_peers(
     interval: Duration,
     retry: Duration,
     peers_tx: mpsc::UnboundedSender<(SocketAddr, PeerSource)>,
+    mut awake: Option<watch::Receiver<bool>>,
 ) {
     loop {
+        if let Some(rx) = &mut awake {
+            while !*rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
         let mut lookup = dht.get_peers(info_hash, announce_port);
         let mut answered = false;
         loop {
@@ -175,6 +202,18 @@ pub(crate) async fn feed_dht_peers(
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = peers_tx.closed() => return,
+            // Gone idle: the loop's top waits for waking, then looks up at once.
+            _ = went_idle(&mut awake) => {}
         }
+    }
+}
+
+/// Resolves when `awake` turns false; never without one.
+async fn went_idle(awake: &mut Option<watch::Receiver<bool>>) {
+    match awake {
+        Some(rx) => {
+            let _ = rx.wait_for(|a| !*a).await;
+        }
+        None => std::future::pending().await,
     }
 }

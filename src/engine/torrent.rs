@@ -149,6 +149,10 @@ pub struct Torrent {
     completed_announced: AtomicBool,
     /// The session's DHT node, set at start (for its counts in snapshots).
     pub(crate) dht: OnceLock<DhtHandle>,
+    /// Where discovery sends addresses (trackers are started again on waking).
+    discovery: Mutex<Option<mpsc::UnboundedSender<(SocketAddr, PeerSource)>>>,
+    /// False while idle (`sleep`): DHT announces wait.
+    awake: watch::Sender<bool>,
 }
 
 /// Complete pieces waiting to be hashed (and written) beyond which peers stop requesting: a
@@ -210,6 +214,8 @@ impl Torrent {
             },
             on_disk,
         );
+        let mut state = state;
+        state.touch(Instant::now().into_std());
         let (totals_tx, _) = watch::channel(TransferTotals {
             uploaded: 0,
             downloaded: 0,
@@ -234,6 +240,8 @@ impl Torrent {
             announcer: Mutex::new(None),
             completed_announced: AtomicBool::new(false),
             dht: OnceLock::new(),
+            discovery: Mutex::new(None),
+            awake: watch::channel(true).0,
             meta,
         }))
     }
@@ -314,6 +322,56 @@ impl Torrent {
         if self.is_complete() {
             self.completed_announced.store(true, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn discovery_tx(
+        &self,
+    ) -> MutexGuard<'_, Option<mpsc::UnboundedSender<(SocketAddr, PeerSource)>>> {
+        self.discovery.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn awake_rx(&self) -> watch::Receiver<bool> {
+        self.awake.subscribe()
+    }
+
+    /// Goes idle: every peer connection closes, none is made or let in, trackers hear `stopped`
+    /// and DHT announces wait, until `wake` (which a read calls). Metadata, cache and data stay.
+    pub async fn sleep(&self) {
+        {
+            let mut st = self.lock();
+            if st.is_asleep() {
+                return;
+            }
+            st.sleep();
+        }
+        self.awake.send_replace(false);
+        let announcer = self
+            .announcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(a) = announcer {
+            let _ = tokio::time::timeout(Duration::from_secs(3), a.stop()).await;
+        }
+        log::info!("{}: idle; connections closed", self.name());
+    }
+
+    /// Leaves idleness: known peers are dialled again, trackers and the DHT announce again.
+    pub fn wake(self: &Arc<Self>) {
+        if self.is_shutting_down() || !self.lock().wake() {
+            return;
+        }
+        log::info!("{}: woken", self.name());
+        self.awake.send_replace(true);
+        let discovery = self.discovery_tx().clone();
+        if let Some(peers_tx) = discovery {
+            self.start_trackers(peers_tx);
+        }
+        self.connect_more();
+    }
+
+    pub fn is_asleep(&self) -> bool {
+        self.lock().is_asleep()
     }
 
     /// Stops: readers fail, peers disconnect, trackers hear `stopped` (bounded), and every task
