@@ -439,3 +439,58 @@ fn an_idle_torrent_closes_its_connections_and_a_read_wakes_it() {
     run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
 }
+
+#[test]
+fn a_data_dir_brings_the_same_torrents_back_on_the_next_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let first = seeded(t, "first", false, 90_000, 12);
+    let second = seeded(t, "second.bin", true, 70_000, 13);
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let start = |sources: &[&Path], log: &str| {
+        let mut c = Command::new(bin());
+        c.arg("mount")
+            .arg("-f")
+            .args(sources)
+            .arg(&mnt)
+            .arg("-d")
+            .arg(&data);
+        c.args(["--listen", "127.0.0.1:0", "--no-dht"])
+            .args(["--peer", &first.addr.to_string()])
+            .args(["--peer", &second.addr.to_string()])
+            .env("RUST_LOG", "swarmfs=info");
+        let mut p = Proc::spawn("mount", &mut c, &t.join(log));
+        p.wait_line("mounted ", WATCHDOG);
+        p
+    };
+    let mut mount = start(&[first.torrent.as_path()], "mount1.log");
+    let guard = Unmount(mnt.clone());
+    run_ok(
+        Command::new("cp")
+            .arg(&second.torrent)
+            .arg(mnt.join(".swarmfs/add/")),
+    );
+    assert_eq!(visible_names(&mnt), ["first", "second.bin"]);
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+    drop(guard);
+
+    // No source this time: the data dir's library brings both back, with the same names.
+    let mut mount = start(&[], "mount2.log");
+    let _guard = Unmount(mnt.clone());
+    assert_eq!(visible_names(&mnt), ["first", "second.bin"]);
+    same_tree(&mnt.join("first"), &first.src);
+    same_tree(&mnt.join("second.bin"), &second.src);
+    // Removing one forgets it for the next mount too.
+    std::fs::remove_file(mnt.join(".swarmfs/torrents/second.bin")).unwrap();
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+    let mut mount = start(&[], "mount3.log");
+    assert_eq!(visible_names(&mnt), ["first"]);
+    // The data stays under -d.
+    assert!(data.join("second.bin").is_file());
+    run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}

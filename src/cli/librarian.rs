@@ -80,10 +80,20 @@ impl Librarian {
     }
 
     /// Starts a torrent and puts it on the shelf; an info-hash already mounted changes nothing.
+    /// With `-d DIR` it is remembered for the next mount of that DIR.
     pub async fn add_meta(
         &self,
         meta: Arc<Metainfo>,
         found_peers: Vec<(std::net::SocketAddr, PeerSource)>,
+    ) -> anyhow::Result<Added> {
+        self.put(meta, found_peers, true).await
+    }
+
+    async fn put(
+        &self,
+        meta: Arc<Metainfo>,
+        found_peers: Vec<(std::net::SocketAddr, PeerSource)>,
+        remember: bool,
     ) -> anyhow::Result<Added> {
         let me = &self.0;
         let hash = meta.info_hash.0;
@@ -115,6 +125,14 @@ impl Librarian {
             Ok(slot) => {
                 if let Some(l) = lock {
                     lock_map(&me.locks).insert(hash, l);
+                }
+                if let (Some(dir), true) = (&me.data_dir, remember) {
+                    if let Err(e) = remember_torrent(dir, &torrent.meta) {
+                        log::warn!(
+                            "{e:#}; the next mount of {} will not have it",
+                            dir.display()
+                        );
+                    }
                 }
                 self.rebalance();
                 let name = read_library(&me.library)
@@ -186,6 +204,11 @@ impl Librarian {
             }
         }
         me.session.remove_torrent(torrent.info_hash).await;
+        if let Some(dir) = &me.data_dir {
+            if let Err(e) = forget_torrent(dir, &hash) {
+                log::warn!("{e:#}");
+            }
+        }
         lock_map(&me.locks).remove(&hash);
         lock_map(&me.shares).remove(&hash);
         log::info!("removed {} ({})", torrent.name(), torrent.info_hash);
@@ -318,9 +341,10 @@ impl Librarian {
         new.sort();
         for path in new {
             let added = match common::load_torrent(&path) {
+                // A watched directory's torrents come back from it, not from the data dir.
                 Ok(meta) => {
                     let hash = meta.info_hash.0;
-                    self.add_meta(meta, Vec::new()).await.map(|a| (hash, a))
+                    self.put(meta, Vec::new(), false).await.map(|a| (hash, a))
                 }
                 Err(e) => Err(e),
             };
@@ -340,10 +364,86 @@ impl Librarian {
         }
     }
 
+    /// With `-d DIR`: mounts again the torrents an earlier mount of DIR had, in their order.
+    /// Returns their names.
+    pub async fn restore(&self) -> Vec<String> {
+        let Some(dir) = self.0.data_dir.clone() else {
+            return Vec::new();
+        };
+        let mut names = Vec::new();
+        for hex in remembered(&dir) {
+            let path = dir.join(LIBRARY_DIR).join(format!("{hex}.torrent"));
+            let added = match common::load_torrent(&path) {
+                Ok(meta) => self.add_meta(meta, Vec::new()).await,
+                Err(e) => Err(e),
+            };
+            match added {
+                Ok(Added::Mounted(name)) => names.push(name),
+                Ok(Added::AlreadyMounted(_)) => {}
+                Err(e) => self.note(format!("error: {}: {e:#}", path.display())),
+            }
+        }
+        names
+    }
+
     pub fn note(&self, line: String) {
         log::warn!("{line}");
         write_library(&self.0.library).note(line);
     }
+}
+
+/// Under `-d DIR`: the mounted torrents' .torrent files (`<info-hash>.torrent`) and their order.
+pub const LIBRARY_DIR: &str = ".swarmfs-library";
+const ORDER_FILE: &str = "order";
+
+/// The info-hashes (hex) remembered in `dir`, in the order they were added.
+fn remembered(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(LIBRARY_DIR).join(ORDER_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.len() == 40 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_order(dir: &Path, order: &[String]) -> anyhow::Result<()> {
+    let lib = dir.join(LIBRARY_DIR);
+    let tmp = lib.join(format!("{ORDER_FILE}.tmp"));
+    let mut text = order.join("\n");
+    text.push('\n');
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, lib.join(ORDER_FILE))
+        .with_context(|| format!("cannot write {}", lib.join(ORDER_FILE).display()))
+}
+
+fn remember_torrent(dir: &Path, meta: &Metainfo) -> anyhow::Result<()> {
+    let lib = dir.join(LIBRARY_DIR);
+    std::fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
+    let hex = meta.info_hash.to_hex();
+    let path = lib.join(format!("{hex}.torrent"));
+    if !path.exists() {
+        let trackers: Vec<String> = meta.trackers().into_iter().flatten().collect();
+        let bytes = crate::core::metadata::torrent_file(&meta.info_bytes, &trackers);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let mut order = remembered(dir);
+    if !order.contains(&hex) {
+        order.push(hex);
+        write_order(dir, &order)?;
+    }
+    Ok(())
+}
+
+fn forget_torrent(dir: &Path, hash: &[u8; 20]) -> anyhow::Result<()> {
+    let hex = hex::encode(hash);
+    let mut order = remembered(dir);
+    if order.contains(&hex) {
+        order.retain(|h| *h != hex);
+        write_order(dir, &order)?;
+    }
+    let _ = std::fs::remove_file(dir.join(LIBRARY_DIR).join(format!("{hex}.torrent")));
+    Ok(())
 }
 
 fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
@@ -412,6 +512,49 @@ impl Control for Librarian {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_remembers_torrents_in_the_order_they_came() {
+        use crate::core::metainfo::{build_torrent, TorrentContent, TorrentSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let meta = |name: &str| {
+            let bytes = build_torrent(&TorrentSpec {
+                name: name.into(),
+                content: TorrentContent::SingleFile { length: 10 },
+                piece_length: 16384,
+                piece_hashes: vec![[0; 20]],
+                trackers: vec![vec!["http://127.0.0.1:1/announce".into()]],
+                private: false,
+                comment: None,
+                created_by: None,
+                creation_date: None,
+            })
+            .unwrap();
+            Metainfo::from_bytes(&bytes).unwrap()
+        };
+        let (b, a) = (meta("b"), meta("a"));
+        remember_torrent(dir.path(), &b).unwrap();
+        remember_torrent(dir.path(), &a).unwrap();
+        remember_torrent(dir.path(), &b).unwrap();
+        let hexes = |m: &Metainfo| m.info_hash.to_hex();
+        assert_eq!(remembered(dir.path()), [hexes(&b), hexes(&a)]);
+        let path = dir
+            .path()
+            .join(LIBRARY_DIR)
+            .join(format!("{}.torrent", hexes(&a)));
+        let again = common::load_torrent(&path).unwrap();
+        assert_eq!(
+            (again.info_hash, again.trackers()),
+            (a.info_hash, a.trackers())
+        );
+        forget_torrent(dir.path(), &b.info_hash.0).unwrap();
+        assert_eq!(remembered(dir.path()), [hexes(&a)]);
+        assert!(!dir
+            .path()
+            .join(LIBRARY_DIR)
+            .join(format!("{}.torrent", hexes(&b)))
+            .exists());
+    }
 
     #[test]
     fn added_files_are_magnets_or_torrents_and_nothing_else() {

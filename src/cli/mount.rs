@@ -46,8 +46,10 @@ pub struct Args {
     /// files added there appear in the mount, files removed disappear); the last argument is
     /// the mountpoint, an existing empty directory. Each torrent shows at the root under its
     /// name. More are added at runtime by copying a .torrent (or writing a magnet link) into
-    /// MOUNTPOINT/.swarmfs/add/, and removed with rm MOUNTPOINT/.swarmfs/torrents/NAME.
-    #[arg(value_name = "SOURCE... MOUNTPOINT", num_args = 2.., required = true)]
+    /// MOUNTPOINT/.swarmfs/add/ or with `swarmfs add`, and removed with
+    /// rm MOUNTPOINT/.swarmfs/torrents/NAME or `swarmfs remove`. With -d DIR the set persists: a
+    /// later mount of DIR (SOURCEs may then be left out) comes back with the same torrents.
+    #[arg(value_name = "[SOURCE]... MOUNTPOINT", num_args = 1.., required = true)]
     pub paths: Vec<String>,
     /// Stay in the foreground (default: return once mounted and serve in the background).
     #[arg(short = 'f', long)]
@@ -296,7 +298,8 @@ fn serve(
             (!args.seed && args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         );
         let started = async {
-            let mut names = Vec::new();
+            // With -d: the torrents an earlier mount of that data dir had, first.
+            let mut names = librarian.restore().await;
             for source in sources {
                 match source {
                     MountSource::One(Source::Torrent(meta)) => {
