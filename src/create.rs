@@ -133,9 +133,29 @@ fn file_name(path: &Path) -> anyhow::Result<String> {
     let name = canonical
         .file_name()
         .with_context(|| format!("{} has no name to use for the torrent", path.display()))?;
-    name.to_str()
+    let name = name
+        .to_str()
         .map(str::to_string)
-        .with_context(|| format!("name of {} is not UTF-8", path.display()))
+        .with_context(|| format!("name of {} is not UTF-8", path.display()))?;
+    kept_by_clients(&name, path)?;
+    Ok(name)
+}
+
+/// Refuses a name that clients would change when they open the torrent (libtorrent's rules, as
+/// `core::names` applies them: a `\`, a control character, more than 240 bytes, ...): seeding
+/// from this directory would then look for files under other names than the ones on disk.
+fn kept_by_clients(component: &str, disk_path: &Path) -> anyhow::Result<()> {
+    match crate::core::names::sanitize_component(component.as_bytes()) {
+        Some(s) if s == component => Ok(()),
+        Some(s) => anyhow::bail!(
+            "{}: clients would read the name {component:?} as {s:?}; rename it first",
+            disk_path.display()
+        ),
+        None => anyhow::bail!(
+            "{}: clients would drop the name {component:?}; rename it first",
+            disk_path.display()
+        ),
+    }
 }
 
 fn walk(dir: &Path, prefix: &mut Vec<String>, out: &mut Vec<SourceFile>) -> anyhow::Result<()> {
@@ -148,6 +168,7 @@ fn walk(dir: &Path, prefix: &mut Vec<String>, out: &mut Vec<SourceFile>) -> anyh
             .file_name()
             .into_string()
             .map_err(|n| anyhow::anyhow!("file name {n:?} in {} is not UTF-8", dir.display()))?;
+        kept_by_clients(&component, &disk_path)?;
         let file_type = entry
             .file_type()
             .with_context(|| format!("cannot stat {}", disk_path.display()))?;
@@ -433,6 +454,25 @@ mod tests {
         write(&dir.path().join("zeros/a"), b"");
         let err = scan(&dir.path().join("zeros")).unwrap_err();
         assert!(err.to_string().contains("no data"), "{err}");
+    }
+
+    #[test]
+    fn refuses_names_that_clients_would_read_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("set");
+        write(&root.join("fine.txt"), b"x");
+        write(&root.join("back\\slash.txt"), b"y");
+        let err = scan(&root).unwrap_err().to_string();
+        assert!(
+            err.contains("would read the name \"back\\\\slash.txt\" as \"backslash.txt\""),
+            "{err}"
+        );
+        std::fs::remove_file(root.join("back\\slash.txt")).unwrap();
+        write(&root.join(format!("{}.txt", "a".repeat(250))), b"z");
+        assert!(scan(&root)
+            .unwrap_err()
+            .to_string()
+            .contains("rename it first"));
     }
 
     #[test]
