@@ -139,6 +139,15 @@ fn a_library_of_torrents_grows_and_shrinks_at_runtime() {
         m.join("eps").exists()
     });
     same_tree(&mnt.join("eps"), &eps.src);
+    // A magnet nobody has yet: listed as fetching in status until its metadata comes.
+    let nobody = format!("magnet:?xt=urn:btih:{}&dn=nowhere", "5a".repeat(20));
+    std::fs::write(mnt.join(".swarmfs/add/nowhere"), nobody).unwrap();
+    let m = mnt.clone();
+    eventually("status to list the magnet as fetching", move || {
+        status(&m)
+            .lines()
+            .any(|l| l.starts_with("fetching nowhere"))
+    });
     // An info-hash already mounted changes nothing, and says so.
     run_ok(
         Command::new("cp")
@@ -493,4 +502,66 @@ fn a_data_dir_brings_the_same_torrents_back_on_the_next_mount() {
     assert!(data.join("second.bin").is_file());
     run_ok(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(mount.wait_exit(WATCHDOG).success(), "{}", mount.stderr());
+}
+
+#[test]
+fn a_100000_file_torrent_lists_and_finds_every_name() {
+    use swarmfs::core::metainfo::{build_torrent, TorrentContent, TorrentSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // 100,000 one-byte files in 1,000 directories; the first directory holds a tenth of them.
+    let mut files: Vec<(Vec<String>, u64)> = Vec::with_capacity(100_000);
+    for i in 0..100_000u32 {
+        let dir = if i < 10_000 {
+            0
+        } else {
+            1 + (i - 10_000) % 999
+        };
+        files.push((vec![format!("dir{dir:04}"), format!("f{i:06}")], 1));
+    }
+    files.sort();
+    let expected: Vec<String> = std::iter::once("huge".to_string())
+        .chain((0..1000).map(|d| format!("huge/dir{d:04}")))
+        .chain(files.iter().map(|(p, _)| format!("huge/{}", p.join("/"))))
+        .collect();
+    let piece_length = 16 * 1024u32;
+    let pieces = 100_000u64.div_ceil(piece_length as u64) as usize;
+    let bytes = build_torrent(&TorrentSpec {
+        name: "huge".into(),
+        content: TorrentContent::Directory { files },
+        piece_length,
+        piece_hashes: vec![[0; 20]; pieces],
+        trackers: Vec::new(),
+        private: false,
+        comment: None,
+        created_by: None,
+        creation_date: None,
+    })
+    .unwrap();
+    let torrent = t.join("huge.torrent");
+    std::fs::write(&torrent, bytes).unwrap();
+    // Listing needs no piece data: no seeder.
+    let mnt = t.join("mnt");
+    let mut m = Mount::start(&torrent, &mnt, &t.join("mount.log"), &[]);
+    let root = mnt.clone();
+    let found = with_watchdog(Duration::from_secs(120), "find", move || {
+        run_ok(Command::new("find").arg("huge").current_dir(&root))
+    });
+    let mut found: Vec<String> = found.lines().map(str::to_owned).collect();
+    found.sort();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(found.len(), 101_001);
+    assert!(
+        found == expected,
+        "find lists other names than the torrent's"
+    );
+    let biggest = mnt.join("huge/dir0000");
+    let listed = with_watchdog(Duration::from_secs(120), "ls -f", move || {
+        run_ok(Command::new("ls").arg("-1f").arg(&biggest))
+    });
+    // 10,000 files, "." and "..".
+    assert_eq!(listed.lines().count(), 10_002);
+    m.unmount();
+    assert!(m.proc.wait_exit(WATCHDOG).success());
 }

@@ -252,15 +252,8 @@ impl Librarian {
             .iter()
             .map(|t| t.is_being_read(READ_RECENTLY))
             .collect();
-        let readers = read.iter().filter(|&&r| r).count();
-        let total = me.cfg.cache_size;
         let mut shares = lock_map(&me.shares);
-        for (t, being_read) in torrents.iter().zip(read) {
-            let share = match readers {
-                0 => total / torrents.len() as u64,
-                n if being_read => total / n as u64,
-                _ => 0,
-            };
+        for (t, share) in torrents.iter().zip(cache_shares(me.cfg.cache_size, &read)) {
             if shares.insert(t.info_hash.0, share) != Some(share) {
                 log::debug!("{}: cache share {share}", t.name());
                 t.set_cache_budget(share);
@@ -392,6 +385,21 @@ impl Librarian {
     }
 }
 
+/// Each torrent's share of a `total` cache budget: those being read split it, the others get
+/// nothing; when nobody reads, all split it.
+fn cache_shares(total: u64, being_read: &[bool]) -> Vec<u64> {
+    let readers = being_read.iter().filter(|&&r| r).count() as u64;
+    let all = being_read.len().max(1) as u64;
+    being_read
+        .iter()
+        .map(|&r| match readers {
+            0 => total / all,
+            n if r => total / n,
+            _ => 0,
+        })
+        .collect()
+}
+
 /// Under `-d DIR`: the mounted torrents' .torrent files (`<info-hash>.torrent`) and their order.
 pub const LIBRARY_DIR: &str = ".swarmfs-library";
 const ORDER_FILE: &str = "order";
@@ -512,6 +520,16 @@ impl Control for Librarian {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_split_the_cache_and_idle_torrents_give_theirs_up() {
+        assert_eq!(cache_shares(300, &[false]), [300]);
+        assert_eq!(cache_shares(300, &[true]), [300]);
+        assert_eq!(cache_shares(300, &[false, false, false]), [100, 100, 100]);
+        assert_eq!(cache_shares(300, &[false, true, false]), [0, 300, 0]);
+        assert_eq!(cache_shares(300, &[true, true, false]), [150, 150, 0]);
+        assert!(cache_shares(300, &[]).is_empty());
+    }
 
     #[test]
     fn a_data_dir_remembers_torrents_in_the_order_they_came() {
