@@ -5,8 +5,9 @@
 # when root and missing), the median of RUNS runs (min-max) of:
 #   - mount ready: from starting the mount to the tree being listable;
 #   - `ls -f` of the biggest directory;
-#   - `find MNT | wc -l` (lookups and readdir of every directory);
-#   - `find MNT -type f -size +0 | wc -l` (a getattr of every file too).
+#   - `find MNT/tree | wc -l` (lookups and readdir of every directory; the torrent only, not
+#     swarmfs's .swarmfs control directory);
+#   - `find MNT/tree -type f -size +0 | wc -l` (a getattr of every file too).
 # Asserts nothing. Inside a loopback-only network namespace when root (btfs runs libtorrent with
 # its DHT on; there it reaches nothing).
 #
@@ -92,8 +93,8 @@ for kind in $KINDS; do
     for _ in $(seq "$RUNS"); do
         t0=$(now); mount_it "$kind"; t1=$(now)
         n=$(ls -f "$mnt/tree/dir0000" | wc -l); t2=$(now)
-        total=$(find "$mnt" | wc -l); t3=$(now)
-        sized=$(find "$mnt" -type f -size +0 | wc -l); t4=$(now)
+        total=$(find "$mnt/tree" | wc -l); t3=$(now)
+        sized=$(find "$mnt/tree" -type f -size +0 | wc -l); t4=$(now)
         ready+=("$(ms "$t0" "$t1")"); ls_big+=("$(ms "$t1" "$t2")")
         find_all+=("$(ms "$t2" "$t3")"); find_stat+=("$(ms "$t3" "$t4")")
         [ "$n" = $((big + 2)) ] || echo "bench-tree: $kind listed $n entries in dir0000, expected $((big + 2))" >&2
