@@ -16,8 +16,14 @@
 //!   torrent starts; `tasks` owns every task, so shutdown waits for them all. The session owns
 //!   the DHT node (one per process, UDP on the listen address); every non-private torrent looks
 //!   its peers up and announces itself there (`ticker`).
-//! - `fuse`: the filesystem, translating kernel requests into engine reads.
-//! - `cli`: one module per subcommand: argument structs (clap) and `run`.
+//! - `fuse`: the filesystem, translating kernel requests into engine reads. `inode` is one
+//!   torrent's tree; `library` (pure) puts several side by side at the root with the `.swarmfs/`
+//!   control directory; `fs` answers the kernel from them behind a read lock, never the
+//!   engine's, and hands control writes to whoever runs the mount (`fs::Control`).
+//! - `cli`: one module per subcommand: argument structs (clap) and `run`. `librarian` adds and
+//!   removes a mount's torrents (command line, `.swarmfs/add/`, watched directories, `-d`
+//!   persistence), shares the cache budget and puts idle torrents to sleep; `control` is the
+//!   mount's Unix socket and the `add` / `remove` / `status` commands that talk to it.
 //! - `fuzz_targets` (hidden): the bodies of the fuzz targets over the `core` codecs and state
 //!   machines, shared by `fuzz/` (cargo-fuzz) and the stable replay test `tests/fuzz_corpus.rs`.
 pub mod cli;
