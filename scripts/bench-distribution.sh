@@ -17,6 +17,7 @@
 #
 #   scripts/bench-distribution.sh
 #   RUNS=1 NS="1 8 32" CS_MAX_N=4 F_MIB=32 US_MIB=4 UI_MIB=4 scripts/bench-distribution.sh
+#   TABLES=homogeneous PEER_ARGS="--upload-slots 2" NS=32 RUNS=1 scripts/bench-distribution.sh
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

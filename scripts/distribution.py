@@ -145,6 +145,7 @@ def run_swarm(cfg, n, up_caps, no_upload, tag):
                     "--upload-rate", str(up_caps[i])]
             if no_upload:
                 args.append("--no-upload")
+            args += cfg["peer_args"]
             p = Proc(f"leecher{i}", args, work)
             procs.append(p)
             leechers.append(p)
@@ -162,7 +163,7 @@ def run_swarm(cfg, n, up_caps, no_upload, tag):
         t0 = time.monotonic()
         seeder = Proc("seeder", [swarmfs, "seed", cfg["torrent"], "-d", cfg["content_dir"],
                                  "--listen", "127.0.0.2:0", "--no-dht", "--tracker", announce,
-                                 "--upload-rate", str(cfg["u_s"])], work)
+                                 "--upload-rate", str(cfg["u_s"])] + cfg["peer_args"], work)
         procs.append(seeder)
         bound = cfg["timeout_factor"] * max(8.0, n * cfg["F"] / cfg["u_s"])
         deadline = t0 + bound
@@ -209,7 +210,8 @@ def median_run(cfg, n, up_caps, no_upload, tag):
     runs = []
     for r in range(cfg["runs"]):
         runs.append(run_swarm(cfg, n, up_caps, no_upload, f"{tag}-n{n}-r{r}"))
-        sys.stderr.write(f"  {tag} N={n} run {r + 1}: {runs[-1]['time']:.2f} s\n")
+        sys.stderr.write(f"  {tag} N={n} run {r + 1}: {runs[-1]['time']:.2f} s "
+                         f"(the first leecher done at {runs[-1]['first']:.2f} s)\n")
     runs.sort(key=lambda x: x["time"])
     med = runs[len(runs) // 2]
     med["min"], med["max"] = runs[0]["time"], runs[-1]["time"]
@@ -297,6 +299,9 @@ def main():
         "cs_max": int(env.get("CS_MAX_N", "8")),
         "runs": int(env.get("RUNS", "3")),
         "timeout_factor": 10,
+        # Extra options for every peer (experiments: PEER_ARGS="--upload-slots 2").
+        "peer_args": env.get("PEER_ARGS", "").split(),
+        "tables": env.get("TABLES", "homogeneous heterogeneous").split(),
     }
     content_dir = os.path.join(work, "content")
     os.makedirs(content_dir, exist_ok=True)
@@ -317,14 +322,17 @@ def main():
                      cs_ns)
     plot(homo, out_dir, "distribution", "Distributing F = 32 MiB: swarmfs against the bounds")
     # Half the leechers (every other one) with a quarter of the upload.
-    hetero = p2p_table(cfg, "Heterogeneous: half the leechers upload u_i / 4",
-                       lambda n: [u if i % 2 == 0 else u // 4 for i in range(n)], [])
-    plot(hetero, out_dir, "distribution-heterogeneous",
-         "Half the leechers with a quarter of the upload")
+    hetero = []
+    if "heterogeneous" in cfg["tables"]:
+        hetero = p2p_table(cfg, "Heterogeneous: half the leechers upload u_i / 4",
+                           lambda n: [u if i % 2 == 0 else u // 4 for i in range(n)], [])
+        plot(hetero, out_dir, "distribution-heterogeneous",
+             "Half the leechers with a quarter of the upload")
     p2p_max = max(r["p2p"] / r["p2p_bound"] for r in homo)
     cs_ratios = [r["cs"] / r["cs_bound"] for r in homo if r["cs"] is not None]
     cs_max = max(cs_ratios) if cs_ratios else float("nan")
-    print(f"heterogeneous_p2p_ratio_max={max(r['p2p'] / r['p2p_bound'] for r in hetero):.3f}")
+    if hetero:
+        print(f"heterogeneous_p2p_ratio_max={max(r['p2p'] / r['p2p_bound'] for r in hetero):.3f}")
     print(f"p2p_ratio_max={p2p_max:.3f} cs_ratio_max={cs_max:.3f}")
 
 

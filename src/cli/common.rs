@@ -47,6 +47,10 @@ pub struct SwarmArgs {
     /// nor sending us data for 5 s gives its slot to a newcomer.
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub max_peers: usize,
+    /// Peers we upload to at once for the rate they give us (tit-for-tat), besides the
+    /// optimistic unchoke. Fewer slots move each piece faster to the peers that get one.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub upload_slots: usize,
     /// Most incoming connections at once for the whole process (all torrents); more are closed
     /// at once. Separate from --max-peers because a connection names its torrent only after
     /// its handshake.
@@ -176,6 +180,7 @@ impl SwarmArgs {
         cfg.download_rate = self.download_rate;
         cfg.no_upload = self.no_upload;
         cfg.max_peers = self.max_peers.max(1);
+        cfg.upload_slots = self.upload_slots.max(1);
         cfg.dht_announce_interval = Duration::from_secs(self.dht_announce_interval);
         Ok(())
     }

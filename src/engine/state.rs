@@ -79,6 +79,8 @@ pub(crate) struct StateConfig {
     pub lengths: Lengths,
     pub cache_size: u64,
     pub max_peers: usize,
+    /// Regular unchoke slots (`ChokerConfig::regular_slots`).
+    pub upload_slots: usize,
     /// Fetch every piece (download, seed), not only what readers want.
     pub fetch_all: bool,
     pub has_store: bool,
@@ -217,7 +219,13 @@ impl State {
             partial: HashMap::new(),
             hashing_bytes: 0,
             peers: HashMap::new(),
-            choker: Choker::new(ChokerConfig::default(), cfg.seed ^ 0x5eed),
+            choker: Choker::new(
+                ChokerConfig {
+                    regular_slots: cfg.upload_slots,
+                    ..ChokerConfig::default()
+                },
+                cfg.seed ^ 0x5eed,
+            ),
             next_peer_key: 1,
             candidates: VecDeque::new(),
             known: bounded(MAX_KNOWN_ADDRS),
@@ -1268,6 +1276,10 @@ mod tests {
     const PIECE: u32 = 2 * BLOCK_SIZE;
 
     fn state(pieces: u32, cache_pieces: u64, on_disk: &str) -> State {
+        state_with_slots(pieces, cache_pieces, on_disk, 4)
+    }
+
+    fn state_with_slots(pieces: u32, cache_pieces: u64, on_disk: &str, slots: usize) -> State {
         let lengths = Lengths::new(pieces as u64 * PIECE as u64, PIECE, pieces as u64).unwrap();
         let mut bf = Bitfield::new(pieces);
         for (i, c) in on_disk.chars().enumerate() {
@@ -1278,6 +1290,7 @@ mod tests {
                 lengths,
                 cache_size: cache_pieces * PIECE as u64,
                 max_peers: 4,
+                upload_slots: slots,
                 fetch_all: false,
                 has_store: on_disk.contains('#'),
                 max_window: 4 * PIECE as u64,
@@ -1756,6 +1769,39 @@ mod tests {
         let (k, mut rx) = join(&mut st, 2);
         st.peer_interested(k, true, Instant::now());
         assert_eq!(drain(&mut rx), vec![Command::Unchoke]);
+    }
+
+    #[test]
+    fn upload_slots_bound_the_peers_unchoked_at_once() {
+        // The most peers unchoked at once over 100 s of rounds, with `slots` regular slots.
+        let most_unchoked = |slots: usize| {
+            let mut st = state_with_slots(2, 2, "##", slots);
+            st.cfg.max_peers = 8;
+            let t0 = Instant::now();
+            let mut peers: Vec<_> = (2..8).map(|id| join(&mut st, id)).collect();
+            let mut unchoked = vec![false; peers.len()];
+            let mut most = 0;
+            for s in 0..100 {
+                for (k, _) in &peers {
+                    st.peer_interested(*k, true, t0 + Duration::from_secs(s));
+                }
+                st.choke_round(t0 + Duration::from_secs(s));
+                for (i, (_, rx)) in peers.iter_mut().enumerate() {
+                    for c in drain(rx) {
+                        match c {
+                            Command::Unchoke => unchoked[i] = true,
+                            Command::Choke => unchoked[i] = false,
+                            _ => {}
+                        }
+                    }
+                }
+                most = most.max(unchoked.iter().filter(|&&u| u).count());
+            }
+            most
+        };
+        // The regular slots and the optimistic unchoke.
+        assert_eq!(most_unchoked(1), 2);
+        assert_eq!(most_unchoked(4), 5);
     }
 
     #[test]

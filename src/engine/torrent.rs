@@ -45,6 +45,8 @@ pub struct TorrentConfig {
     /// Bytes of verified pieces kept in memory.
     pub cache_size: u64,
     pub max_peers: usize,
+    /// `--upload-slots`: peers unchoked for their rate (the optimistic unchoke comes on top).
+    pub upload_slots: usize,
     /// `--peer`: connected to directly and re-tried while the torrent runs.
     pub peers: Vec<SocketAddr>,
     /// Peers found while fetching a magnet's metadata: connected to at start, once.
@@ -75,6 +77,7 @@ impl Default for TorrentConfig {
             data_dir: None,
             cache_size: 256 << 20,
             max_peers: 50,
+            upload_slots: 4,
             peers: Vec::new(),
             found_peers: Vec::new(),
             trackers: Vec::new(),
@@ -203,6 +206,7 @@ impl Torrent {
                 lengths,
                 cache_size: cfg.cache_size,
                 max_peers: cfg.max_peers,
+                upload_slots: cfg.upload_slots,
                 fetch_all: cfg.fetch_all,
                 has_store: store.is_some(),
                 max_window,
