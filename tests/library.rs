@@ -45,6 +45,36 @@ fn seeded(tmp: &Path, name: &str, single: bool, len: usize, seed: u64) -> Seeded
     }
 }
 
+/// `swarmfs mount -f SOURCES... MNT` on 127.0.0.1 without the DHT, dialling every `peers`
+/// seeder, with `extra` options and `XDG_RUNTIME_DIR` if given; running once it says "mounted".
+fn mount(
+    sources: &[&Path],
+    mnt: &Path,
+    peers: &[&Seeded],
+    extra: &[&str],
+    runtime_dir: Option<&Path>,
+    log: &Path,
+) -> Proc {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount")
+        .arg("-f")
+        .args(sources)
+        .arg(mnt)
+        .args(["--listen", "127.0.0.1:0", "--no-dht"])
+        .args(extra)
+        .env("RUST_LOG", "swarmfs=info");
+    for s in peers {
+        cmd.args(["--peer", &s.addr.to_string()]);
+    }
+    if let Some(dir) = runtime_dir {
+        cmd.env("XDG_RUNTIME_DIR", dir);
+    }
+    let mut p = Proc::spawn("mount", &mut cmd, log);
+    p.wait_line("mounted ", WATCHDOG);
+    p
+}
+
 fn visible_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -100,21 +130,14 @@ fn a_library_of_torrents_grows_and_shrinks_at_runtime() {
     std::fs::copy(&gamma.torrent, watched.join("gamma.torrent")).unwrap();
 
     let mnt = t.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.arg("mount")
-        .arg("-f")
-        .arg(&alpha.torrent)
-        .arg(&beta.torrent)
-        .arg(&watched)
-        .arg(&mnt)
-        .args(["--listen", "127.0.0.1:0", "--no-dht"])
-        .env("RUST_LOG", "swarmfs=info");
-    for s in [&alpha, &beta, &gamma, &delta, &zeta] {
-        cmd.args(["--peer", &s.addr.to_string()]);
-    }
-    let mut mount = Proc::spawn("mount", &mut cmd, &t.join("mount.log"));
-    mount.wait_line("mounted ", WATCHDOG);
+    let mut mount = mount(
+        &[&alpha.torrent, &beta.torrent, &watched],
+        &mnt,
+        &[&alpha, &beta, &gamma, &delta, &zeta],
+        &[],
+        None,
+        &t.join("mount.log"),
+    );
     let _guard = Unmount(mnt.clone());
 
     // Three sources, side by side, each under its name; the control directory is hidden.
@@ -259,22 +282,14 @@ fn two_torrents_of_one_name_are_told_apart_and_a_write_elsewhere_is_erofs() {
     let one = seeded(&t.join("1"), "same.bin", true, 40_000, 7);
     let two = seeded(&t.join("2"), "same.bin", true, 50_000, 8);
     let mnt = t.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut mount = Proc::spawn(
-        "mount",
-        Command::new(bin())
-            .arg("mount")
-            .arg("-f")
-            .arg(&one.torrent)
-            .arg(&two.torrent)
-            .arg(&mnt)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(["--peer", &one.addr.to_string()])
-            .args(["--peer", &two.addr.to_string()])
-            .env("RUST_LOG", "swarmfs=info"),
+    let mut mount = mount(
+        &[&one.torrent, &two.torrent],
+        &mnt,
+        &[&one, &two],
+        &[],
+        None,
         &t.join("mount.log"),
     );
-    mount.wait_line("mounted ", WATCHDOG);
     let _guard = Unmount(mnt.clone());
     let tagged = format!("same-{}.bin", &two.info_hash[..8]);
     let mut both = vec!["same.bin".to_string(), tagged.clone()];
@@ -308,22 +323,14 @@ fn swarmfs_add_remove_and_status_talk_to_the_mount_and_refuse_other_users() {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let mnt = t.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut mount = Proc::spawn(
-        "mount",
-        Command::new(bin())
-            .arg("mount")
-            .arg("-f")
-            .arg(&one.torrent)
-            .arg(&mnt)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(["--peer", &one.addr.to_string()])
-            .args(["--peer", &two.addr.to_string()])
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .env("RUST_LOG", "swarmfs=info"),
+    let mut mount = mount(
+        &[&one.torrent],
+        &mnt,
+        &[&one, &two],
+        &[],
+        Some(&runtime),
         &t.join("mount.log"),
     );
-    mount.wait_line("mounted ", WATCHDOG);
     let _guard = Unmount(mnt.clone());
     let swarmfs = |args: &[&std::ffi::OsStr]| {
         let mut c = Command::new(bin());
@@ -410,23 +417,16 @@ fn an_idle_torrent_closes_its_connections_and_a_read_wakes_it() {
     let t = tmp.path();
     let big = seeded(t, "big.bin", true, 4 << 20, 11);
     let mnt = t.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
     let log = t.join("mount.log");
-    let mut mount = Proc::spawn(
-        "mount",
-        Command::new(bin())
-            .arg("mount")
-            .arg("-f")
-            .arg(&big.torrent)
-            .arg(&mnt)
-            .args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(["--peer", &big.addr.to_string()])
-            // A cache of 4 pieces: most of the file must come from the swarm after waking.
-            .args(["--idle-timeout", "1", "--cache-size", "1MiB"])
-            .env("RUST_LOG", "swarmfs=info"),
+    // A cache of 4 pieces: most of the file must come from the swarm after waking.
+    let mut mount = mount(
+        &[&big.torrent],
+        &mnt,
+        &[&big],
+        &["--idle-timeout", "1", "--cache-size", "1MiB"],
+        None,
         &log,
     );
-    mount.wait_line("mounted ", WATCHDOG);
     let _guard = Unmount(mnt.clone());
     let file = mnt.join("big.bin");
     let mut head = [0u8; 4096];
@@ -458,21 +458,17 @@ fn a_data_dir_brings_the_same_torrents_back_on_the_next_mount() {
     let data = t.join("data");
     let mnt = t.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
+    let data_arg = data.to_str().unwrap().to_owned();
     let start = |sources: &[&Path], log: &str| {
-        let mut c = Command::new(bin());
-        c.arg("mount")
-            .arg("-f")
-            .args(sources)
-            .arg(&mnt)
-            .arg("-d")
-            .arg(&data);
-        c.args(["--listen", "127.0.0.1:0", "--no-dht"])
-            .args(["--peer", &first.addr.to_string()])
-            .args(["--peer", &second.addr.to_string()])
-            .env("RUST_LOG", "swarmfs=info");
-        let mut p = Proc::spawn("mount", &mut c, &t.join(log));
-        p.wait_line("mounted ", WATCHDOG);
-        p
+        let extra = ["-d", data_arg.as_str()];
+        mount(
+            sources,
+            &mnt,
+            &[&first, &second],
+            &extra,
+            None,
+            &t.join(log),
+        )
     };
     let mut mount = start(&[first.torrent.as_path()], "mount1.log");
     let guard = Unmount(mnt.clone());

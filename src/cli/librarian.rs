@@ -97,11 +97,7 @@ impl Librarian {
     ) -> anyhow::Result<Added> {
         let me = &self.0;
         let hash = meta.info_hash.0;
-        if let Some(slot) = read_library(&me.library).slot_of(&hash) {
-            let name = read_library(&me.library)
-                .shelf(slot)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
+        if let Some(name) = self.name_of(&hash) {
             return Ok(Added::AlreadyMounted(name));
         }
         let lock = match &me.data_dir {
@@ -153,6 +149,14 @@ impl Librarian {
         }
     }
 
+    /// The name at the root of the torrent with this info-hash, if it is mounted.
+    fn name_of(&self, hash: &[u8; 20]) -> Option<String> {
+        let lib = read_library(&self.0.library);
+        lib.slot_of(hash)
+            .and_then(|slot| lib.shelf(slot))
+            .map(|s| s.name.clone())
+    }
+
     /// Resolves a source (fetching a magnet's metadata, listed in `status` meanwhile) and adds it.
     pub async fn add_source(&self, source: Source) -> anyhow::Result<Added> {
         let me = &self.0;
@@ -161,11 +165,7 @@ impl Librarian {
             Source::Magnet(m) => m,
         };
         let hash = magnet.info_hash.0;
-        if let Some(slot) = read_library(&me.library).slot_of(&hash) {
-            let name = read_library(&me.library)
-                .shelf(slot)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
+        if let Some(name) = self.name_of(&hash) {
             return Ok(Added::AlreadyMounted(name));
         }
         let label = magnet_label(&magnet);

@@ -349,6 +349,12 @@ impl Torrent {
             st.sleep();
         }
         self.awake.send_replace(false);
+        self.stop_announcer().await;
+        log::info!("{}: idle; connections closed", self.name());
+    }
+
+    /// Stops the announcer, if one runs: trackers hear `stopped` (bounded).
+    async fn stop_announcer(&self) {
         let announcer = self
             .announcer
             .lock()
@@ -357,7 +363,6 @@ impl Torrent {
         if let Some(a) = announcer {
             let _ = tokio::time::timeout(Duration::from_secs(3), a.stop()).await;
         }
-        log::info!("{}: idle; connections closed", self.name());
     }
 
     /// Leaves idleness: known peers are dialled again, trackers and the DHT announce again.
@@ -384,14 +389,7 @@ impl Torrent {
         self.tasks.token().cancel();
         self.piece_done.notify_waiters();
         self.lock().disconnect_all();
-        let announcer = self
-            .announcer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(a) = announcer {
-            let _ = tokio::time::timeout(Duration::from_secs(3), a.stop()).await;
-        }
+        self.stop_announcer().await;
         self.tasks.shutdown(SHUTDOWN_BOUND).await;
     }
 
