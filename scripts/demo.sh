@@ -51,7 +51,7 @@ echo "demo: $(grep '^seeding' "$work/seed.out")"
 echo "demo: swarmfs mount dataset.torrent $work/mnt"
 "$SWARMFS" mount "$work/dataset.torrent" "$work/mnt" --listen 127.0.0.1:0 --no-dht --log-file "$work/mount.log"
 echo "demo: the tree:"
-(cd "$work/mnt" && find . | sort | sed 's/^/    /')
+(cd "$work/mnt" && find dataset | sort | sed 's/^/    /')
 
 echo "demo: sha256 through the mount vs the original:"
 fail=0
@@ -70,6 +70,9 @@ b=$(dd if="$work/mnt/dataset/video.bin" bs=64K skip=320 count=1 2>/dev/null | sh
 echo "demo: getfattr -n user.swarmfs.progress:"
 getfattr -n user.swarmfs.progress "$work/mnt/dataset/video.bin" 2>/dev/null | sed -n 's/^/    /;2p'
 getfattr -n user.swarmfs.pieces "$work/mnt/dataset/video.bin" 2>/dev/null | sed -n 's/^/    /;2p'
+
+echo "demo: cat .swarmfs/status (the mount's torrents; more can be copied into .swarmfs/add/):"
+sed 's/^/    /' "$work/mnt/.swarmfs/status"
 
 echo "demo: fusermount3 -u $work/mnt"
 fusermount3 -u "$work/mnt"
