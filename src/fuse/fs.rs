@@ -105,7 +105,10 @@ pub fn status_text(library: &Library<Shelved>) -> String {
     let _ = writeln!(
         out,
         "{:<40} {:>10} {:>8.1}% {:>6} {:>10}/s {:>10}/s {:>10}",
-        format!("total ({count} torrent{})", if count == 1 { "" } else { "s" }),
+        format!(
+            "total ({count} torrent{})",
+            if count == 1 { "" } else { "s" }
+        ),
         format_size(size),
         if size == 0 {
             100.0
