@@ -31,6 +31,21 @@ struct Target {
     addr: SocketAddr,
     info_hash: [u8; 20],
     pid: u32,
+    /// The mount's log, shown when an attack's check fails.
+    log: std::path::PathBuf,
+}
+
+/// The mount's log lines about 127.0.0.`host`, and its last lines, for a failure message.
+fn log_about(t: &Target, host: u32) -> String {
+    let text = std::fs::read_to_string(&t.log).unwrap_or_default();
+    let ip = format!("{}", Ipv4Addr::from(0x7f00_0000 + host));
+    let about: Vec<&str> = text.lines().filter(|l| l.contains(&ip)).collect();
+    let last: Vec<&str> = text.lines().rev().take(30).collect();
+    format!(
+        "mount log about {ip}:\n{}\nlast lines:\n{}",
+        about.join("\n"),
+        last.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
 }
 
 /// A connection to the mount from 127.0.0.`host` (or 127.0.1.`host - 256`...).
@@ -143,7 +158,11 @@ fn peak(pid: u32) -> u64 {
 /// After a protocol violation: dropped, and the address may not come back.
 fn dropped_and_banned(t: &Target, s: &mut TcpStream, host: u32) -> String {
     assert!(closed(s));
-    assert!(!let_in(t, host), "127.0.0.{host} was not banned");
+    assert!(
+        !let_in(t, host),
+        "127.0.0.{host} was not banned\n{}",
+        log_about(t, host)
+    );
     "dropped, banned".into()
 }
 
@@ -467,6 +486,7 @@ fn hostile_peers_are_dropped_while_a_mount_reads_correct_bytes() {
         addr: mount.listen_addr.expect("the mount says where it listens"),
         info_hash: meta.info_hash.0,
         pid: mount.proc.child.id(),
+        log: tmp.path().join("mount.log"),
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -531,7 +551,12 @@ fn hostile_peers_are_dropped_while_a_mount_reads_correct_bytes() {
         }
         reset_peak(t.pid);
         let passes_before = passes.load(Ordering::Relaxed);
+        let started = Instant::now();
         let outcome = attack(&t, host);
+        eprintln!(
+            "{name} (127.0.0.{host}): {outcome}, {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         let peak = peak(t.pid);
         rows.lock().unwrap().push((
             name,

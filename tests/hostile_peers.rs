@@ -222,6 +222,53 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
     }
 }
 
+/// A peer that floods requests over more pieces than our upload memory may pin, and never
+/// reads: past that memory its requests were answered with rejects, which piled up in the send
+/// queue until the byte bound dropped it, after a long while and without a ban (attacks.rs
+/// flaked on it whenever the mount had become a seed by then). Queued rejects now count as
+/// answers like blocks: past twice the `reqq` we announce, it is a violation, and banned.
+#[test]
+fn a_flood_past_the_upload_memory_is_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    // 128 pieces of 256 KiB: one block from each pins 32 MiB, twice the upload bound.
+    let (_, meta) = make_torrent(dir.path(), 32 << 20, "256KiB");
+    let (_seeder, addr) = seeder(
+        &dir.path().join("src"),
+        &dir.path().join("t.torrent"),
+        &dir.path().join("seeder.log"),
+        &[],
+    );
+    let hs = Handshake::new(meta.info_hash.0, [b'g'; 20]); // fast bit set: we get rejects
+    let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
+    p.sock.write_all(&hs.encode()).unwrap();
+    let mut got = [0u8; HANDSHAKE_LEN];
+    p.sock.read_exact(&mut got).unwrap();
+    p.send(&Message::Interested);
+    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
+    let mut burst = BytesMut::new();
+    for i in 0..200_000u32 {
+        let r = BlockRequest {
+            piece: i % 128,
+            offset: (i / 128 % 16) * 16 * 1024,
+            length: 16 * 1024,
+        };
+        wire::encode(&Message::Request(r), &mut burst);
+    }
+    let _ = p.sock.write_all(&burst);
+    let mut sink = Vec::new();
+    if let Err(e) = p.sock.read_to_end(&mut sink) {
+        assert!(
+            e.kind() != std::io::ErrorKind::WouldBlock,
+            "watchdog: swarmfs kept a peer that does not read ({WATCHDOG:?})"
+        );
+    }
+    // The address is banned: a new connection from it is closed before any message.
+    let mut q = Scripted::new(TcpStream::connect(addr).unwrap());
+    q.sock.write_all(&hs.encode()).unwrap();
+    let _ = q.sock.read_exact(&mut got);
+    assert!(q.recv().is_none(), "the flooder was let back in");
+}
+
 /// We ask a throttled seeder for 32 blocks (8 s of its upload), then cancel them all. Blocks
 /// still queued are not sent: each of those requests gets its one answer as a reject (BEP 6),
 /// and the few already on their way arrive. (The seeder used to ignore cancels and send all.)

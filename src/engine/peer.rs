@@ -33,7 +33,7 @@ use crate::net::peer::{self, Outgoing, PeerIoError, PeerReader, PeerWriter};
 const MAX_UPLOAD_QUEUE: usize = 16 << 20;
 /// Blocks queued for one peer (requests accepted, not yet sent) beyond which it is dropped as
 /// a flood: twice the `reqq` our extension handshake announces, which honest peers respect.
-const MAX_QUEUED_BLOCKS: usize = 2 * ANNOUNCED_REQUEST_QUEUE;
+const MAX_QUEUED_ANSWERS: usize = 2 * ANNOUNCED_REQUEST_QUEUE;
 /// Bytes queued for one peer beyond which it is dropped: it is not reading.
 const MAX_SEND_QUEUE: usize = MAX_UPLOAD_QUEUE + (1 << 20);
 /// How long a closing connection may take to send what it has queued.
@@ -191,7 +191,10 @@ fn now() -> std::time::Instant {
 struct SendQueue {
     lengths: Lengths,
     bytes: AtomicUsize,
-    blocks: AtomicUsize,
+    /// Answers to the peer's requests not yet written: blocks, and rejects (what we send when
+    /// a request cannot be served, also when the upload memory is full). A peer that keeps to
+    /// the request queue we announce never has more than that many.
+    answers: AtomicUsize,
     queued: Mutex<QueuedBlocks>,
 }
 
@@ -218,7 +221,7 @@ impl SendQueue {
         SendQueue {
             lengths,
             bytes: AtomicUsize::new(0),
-            blocks: AtomicUsize::new(0),
+            answers: AtomicUsize::new(0),
             queued: Mutex::new(QueuedBlocks::default()),
         }
     }
@@ -278,7 +281,7 @@ impl SendQueue {
                 offset,
                 data,
             } => {
-                self.blocks.fetch_add(1, Ordering::Relaxed);
+                self.answers.fetch_add(1, Ordering::Relaxed);
                 let mut queued = self.queued();
                 queued
                     .requests
@@ -289,7 +292,12 @@ impl SendQueue {
                 *n += 1;
                 Self::ENTRY + if *n == 1 { self.piece_len(*piece) } else { 0 }
             }
-            Outgoing::Message(m) => Self::ENTRY + message_payload(m),
+            Outgoing::Message(m) => {
+                if matches!(m, Message::Reject(_)) {
+                    self.answers.fetch_add(1, Ordering::Relaxed);
+                }
+                Self::ENTRY + message_payload(m)
+            }
         };
         (self.bytes.fetch_add(size, Ordering::Relaxed), size)
     }
@@ -302,7 +310,7 @@ impl SendQueue {
                 offset,
                 data,
             } => {
-                self.blocks.fetch_sub(1, Ordering::Relaxed);
+                self.answers.fetch_sub(1, Ordering::Relaxed);
                 let mut queued = self.queued();
                 let r = request_of(*piece, *offset, data);
                 if let Some((copies, cancelled)) = queued.requests.get_mut(&r) {
@@ -322,7 +330,12 @@ impl SendQueue {
                 };
                 Self::ENTRY + if last { self.piece_len(*piece) } else { 0 }
             }
-            Outgoing::Message(m) => Self::ENTRY + message_payload(m),
+            Outgoing::Message(m) => {
+                if matches!(m, Message::Reject(_)) {
+                    self.answers.fetch_sub(1, Ordering::Relaxed);
+                }
+                Self::ENTRY + message_payload(m)
+            }
         };
         self.bytes.fetch_sub(size, Ordering::Relaxed);
     }
@@ -640,10 +653,10 @@ impl Conn {
 
     /// Serves a request the state machine accepted, from the cache or the disk.
     async fn upload(&mut self, r: BlockRequest) -> Result<(), PeerError> {
-        let blocks = self.queued.blocks.load(Ordering::Relaxed);
-        if blocks >= MAX_QUEUED_BLOCKS {
+        let answers = self.queued.answers.load(Ordering::Relaxed);
+        if answers >= MAX_QUEUED_ANSWERS {
             return Err(PeerError::Violation(format!(
-                "{blocks} requests queued, past the {ANNOUNCED_REQUEST_QUEUE} we accept"
+                "{answers} answers to its requests queued, past the {ANNOUNCED_REQUEST_QUEUE} requests we accept"
             )));
         }
         // One piece may always be queued, even one larger than the bound.
