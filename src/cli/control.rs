@@ -23,6 +23,9 @@ use crate::core::metainfo::{Metainfo, MAX_TORRENT_FILE_BYTES};
 const MAX_REQUEST: u64 = MAX_TORRENT_FILE_BYTES / 3 * 4 + (1 << 20);
 /// A client that sends nothing for this long is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What is read of a refused client's request, and for how long, before the refusal.
+const REFUSED_REQUEST_READ: u64 = 64 * 1024;
+const REFUSED_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client waits for the mount's reply (adding a torrent with `-d` verifies its data).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -130,6 +133,11 @@ async fn answer(
     let (rd, mut wr) = stream.into_split();
     let reply = if uid != owner && uid != 0 {
         log::warn!("control: refused a request from uid {uid}");
+        // Its request is read (a little of it, briefly) before the answer, so the client's
+        // write does not meet a closed socket and miss the reason.
+        let mut line = String::new();
+        let mut reader = BufReader::new(rd.take(REFUSED_REQUEST_READ));
+        let _ = tokio::time::timeout(REFUSED_TIMEOUT, reader.read_line(&mut line)).await;
         Reply {
             ok: false,
             lines: vec![format!(
@@ -343,9 +351,17 @@ async fn ask_socket(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
     let mut stream = UnixStream::connect(socket).await?;
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
-    stream.write_all(text.as_bytes()).await?;
+    // A mount that refuses us may close before reading all of it: its reply still says why.
+    let written = stream.write_all(text.as_bytes()).await;
     let mut line = String::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST));
-    tokio::time::timeout(REPLY_TIMEOUT, reader.read_line(&mut line)).await??;
-    Ok(serde_json::from_str(&line)?)
+    let read = tokio::time::timeout(REPLY_TIMEOUT, reader.read_line(&mut line)).await?;
+    match serde_json::from_str(&line) {
+        Ok(reply) => Ok(reply),
+        Err(e) => {
+            written?;
+            read?;
+            Err(e.into())
+        }
+    }
 }
