@@ -175,6 +175,37 @@ fn a_peer_that_chokes_with_requests_outstanding_many_times_is_kept() {
     assert!(got == content, "downloaded bytes equal the original");
 }
 
+/// A connection to `addr` that handshook as `hs`, said it is interested and was unchoked.
+fn unchoked(addr: std::net::SocketAddr, hs: &Handshake) -> Scripted {
+    let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
+    p.sock.write_all(&hs.encode()).unwrap();
+    let mut got = [0u8; HANDSHAKE_LEN];
+    p.sock.read_exact(&mut got).unwrap();
+    p.send(&Message::Interested);
+    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
+    p
+}
+
+/// Writes `requests` in one burst without reading, then drains what the seeder sent: the stream
+/// must end (the peer dropped), not stay open.
+fn flood_until_dropped(p: &mut Scripted, requests: impl Iterator<Item = BlockRequest>) {
+    let mut burst = BytesMut::new();
+    for r in requests {
+        wire::encode(&Message::Request(r), &mut burst);
+    }
+    // Writing fails once swarmfs closes the connection, which is what we expect. (Our side
+    // stays open for writing: closing it would end the connection from our end.)
+    let _ = p.sock.write_all(&burst);
+    let mut sink = Vec::new();
+    if let Err(e) = p.sock.read_to_end(&mut sink) {
+        // A reset by the peer also means closed.
+        assert!(
+            e.kind() != std::io::ErrorKind::WouldBlock,
+            "watchdog: swarmfs kept a peer that does not read ({WATCHDOG:?})"
+        );
+    }
+}
+
 /// A peer that floods us with requests and never reads our answers made us queue answers
 /// without bound. Now such a peer is dropped: past twice the `reqq` we announce in queued
 /// blocks, with the send queue's byte bound behind that. (It is unchoked: a flood of requests
@@ -189,37 +220,15 @@ fn a_peer_that_never_reads_is_dropped_when_our_send_queue_is_full() {
         &dir.path().join("seeder.log"),
         &[],
     );
-    let sock = TcpStream::connect(addr).unwrap();
-    let mut p = Scripted::new(sock);
     let hs = Handshake::new(meta.info_hash.0, [b'f'; 20]); // fast bit set: we get rejects
-    p.sock.write_all(&hs.encode()).unwrap();
-    let mut got = [0u8; HANDSHAKE_LEN];
-    p.sock.read_exact(&mut got).unwrap();
-    p.send(&Message::Interested);
-    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
+    let mut p = unchoked(addr, &hs);
     // Blocks up to the upload bound, then rejects: all queued, since we never read.
-    let mut burst = BytesMut::new();
-    for i in 0..1_000_000u32 {
-        let r = BlockRequest {
-            piece: i % 64,
-            offset: 0,
-            length: 16 * 1024,
-        };
-        wire::encode(&Message::Request(r), &mut burst);
-    }
-    // Writing fails once swarmfs closes the connection, which is what we expect.
-    let _ = p.sock.write_all(&burst);
-    // Drain what was sent before the drop: the stream must end, not stay open. (Our side stays
-    // open for writing: closing it would end the connection from our end.)
-    let mut sink = Vec::new();
-    let ended = p.sock.read_to_end(&mut sink);
-    match ended {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            panic!("watchdog: swarmfs kept a peer that does not read ({WATCHDOG:?})")
-        }
-        Err(_) => {} // reset by peer: also closed
-    }
+    let requests = (0..1_000_000u32).map(|i| BlockRequest {
+        piece: i % 64,
+        offset: 0,
+        length: 16 * 1024,
+    });
+    flood_until_dropped(&mut p, requests);
 }
 
 /// A peer that floods requests over more pieces than our upload memory may pin, and never
@@ -239,32 +248,17 @@ fn a_flood_past_the_upload_memory_is_banned() {
         &[],
     );
     let hs = Handshake::new(meta.info_hash.0, [b'g'; 20]); // fast bit set: we get rejects
-    let mut p = Scripted::new(TcpStream::connect(addr).unwrap());
-    p.sock.write_all(&hs.encode()).unwrap();
-    let mut got = [0u8; HANDSHAKE_LEN];
-    p.sock.read_exact(&mut got).unwrap();
-    p.send(&Message::Interested);
-    while p.recv().expect("the seeder closed the connection") != Message::Unchoke {}
-    let mut burst = BytesMut::new();
-    for i in 0..200_000u32 {
-        let r = BlockRequest {
-            piece: i % 128,
-            offset: (i / 128 % 16) * 16 * 1024,
-            length: 16 * 1024,
-        };
-        wire::encode(&Message::Request(r), &mut burst);
-    }
-    let _ = p.sock.write_all(&burst);
-    let mut sink = Vec::new();
-    if let Err(e) = p.sock.read_to_end(&mut sink) {
-        assert!(
-            e.kind() != std::io::ErrorKind::WouldBlock,
-            "watchdog: swarmfs kept a peer that does not read ({WATCHDOG:?})"
-        );
-    }
+    let mut p = unchoked(addr, &hs);
+    let requests = (0..200_000u32).map(|i| BlockRequest {
+        piece: i % 128,
+        offset: (i / 128 % 16) * 16 * 1024,
+        length: 16 * 1024,
+    });
+    flood_until_dropped(&mut p, requests);
     // The address is banned: a new connection from it is closed before any message.
     let mut q = Scripted::new(TcpStream::connect(addr).unwrap());
     q.sock.write_all(&hs.encode()).unwrap();
+    let mut got = [0u8; HANDSHAKE_LEN];
     let _ = q.sock.read_exact(&mut got);
     assert!(q.recv().is_none(), "the flooder was let back in");
 }
